@@ -1,0 +1,141 @@
+"""`rae`: the command line. Configuration is validated before anything heavy is imported, so
+a bad parameter ends the command within seconds (exit code 2, one line)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from rae_core.errors import ConfigError, RaeError
+
+STAGE_NAMES = ["prepare", "pretrain-encoder", "stats", "extract", "train-decoder", "train-dit",
+               "sample", "evaluate"]
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="smoke | tiny | imagenet256 | imagenet512 "
+                   "(default: params.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one parameter, e.g. --set dit.steps=500 (repeatable)")
+    p.add_argument("--params", default="params.yaml", help="the active configuration file")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rae", description="RAE experiment platform")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="the whole pipeline as one Prefect flow")
+    _config_args(run)
+    run.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
+    st = sub.add_parser("stage", help="one stage (what dvc.yaml calls)")
+    st.add_argument("stage", choices=STAGE_NAMES)
+    _config_args(st)
+    pa = sub.add_parser("params", help="write a preset (plus --set) into params.yaml")
+    _config_args(pa)
+    lb = sub.add_parser("leaderboard", help="the FID leaderboard from MLflow")
+    lb.add_argument("--top", type=int, default=10)
+    lb.add_argument("--format", choices=["table", "json", "md"], default="table")
+    lb.add_argument("--experiment", default="rae")
+    sub.add_parser("models", help="registered model configs with parameter counts")
+    sv = sub.add_parser("serve", help="serve the scheduled deployments")
+    _config_args(sv)
+    ui = sub.add_parser("ui", help="MLflow UI on 127.0.0.1")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    return p
+
+
+def _load(args):
+    from rae_core.presets import load_config
+    from rae_core.validate import check_registries
+
+    cfg = load_config(args.params, args.preset, args.overrides)
+    check_registries(cfg)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    root = Path.cwd()
+    from flows.env import configure
+
+    configure(root)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return _dispatch(args, root)
+    except ConfigError as e:
+        print(f"rae: error: {e}", file=sys.stderr)
+        return 2
+    except RaeError as e:
+        print(f"rae: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - Ray/Prefect wrap stage errors; show their cause
+        from flows.pipeline import one_line
+
+        line = one_line(e)
+        print(f"rae: error: {line}", file=sys.stderr)
+        return 2 if "ConfigError" in type(e).__name__ else 1
+
+
+def _dispatch(args, root: Path) -> int:
+    if args.command == "params":
+        return _write_params(args, root)
+    if args.command == "leaderboard":
+        from flows.leaderboard import render, rows
+
+        print(render(rows(args.experiment), args.top, args.format))
+        return 0
+    if args.command == "models":
+        from rae_core.validate import model_table
+
+        print(model_table())
+        return 0
+    if args.command == "ui":
+        os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri",
+                             os.environ["MLFLOW_TRACKING_URI"], "--host", args.host,
+                             "--port", str(args.port)])
+    cfg = _load(args)
+    if args.command == "serve":
+        from flows.scheduled import serve
+
+        serve(cfg, root)
+        return 0
+    t0 = time.time()
+    from flows.pipeline import pipeline_flow, stage_flow
+
+    logging.getLogger(__name__).info("rae: imports took %.1f s", time.time() - t0)
+    if args.command == "run":
+        pipeline_flow(cfg.to_dict(), str(root), args.until)
+    else:
+        stage_flow(args.stage, cfg.to_dict(), str(root))
+    return 0
+
+
+def _write_params(args, root: Path) -> int:
+    import yaml
+
+    from rae_core.config import from_dict
+    from rae_core.presets import load_config, preset_yaml
+
+    name = args.preset or "tiny"
+    cfg = load_config(None, name, args.overrides)
+    from rae_core.validate import check_registries
+
+    check_registries(cfg)
+    text = preset_yaml(name) if not args.overrides else \
+        preset_yaml(name).split("\n", 2)[0] + "\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    from_dict(yaml.safe_load(text))
+    path = root / args.params
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    print(f"wrote {path} (preset {name})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

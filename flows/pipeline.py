@@ -1,0 +1,152 @@
+"""Prefect flows: the whole pipeline (one task per stage) and single stages.
+
+Each task is a thin wrapper: it opens the stage's MLflow child run, forwards the stage's metrics
+while it runs, calls the rae_core stage, then logs its outputs, artifacts and models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows import tracking
+from rae_core.config import Config, from_dict
+from rae_core.errors import RaeError
+from rae_core.paths import Paths
+from rae_core.stages import STAGES
+
+log = logging.getLogger(__name__)
+ORDER = list(STAGES)
+
+
+def _group_tags(cfg: Config) -> dict[str, str]:
+    s = cfg.sample
+    return {"rae.dataset": cfg.data.dataset if cfg.data.dataset != "folder" else
+            Path(cfg.data.source or cfg.data.root).name,
+            "rae.resolution": str(cfg.data.resolution), "rae.extractor": "",
+            "rae.num_samples": str(s.num_per_class * cfg.data.num_classes),
+            "rae.model": cfg.dit.model, "rae.encoder": cfg.encoder.name,
+            "rae.decoder": cfg.decoder.model, "rae.steps": str(cfg.dit.steps),
+            "rae.sampler": s.sampler, "rae.sampling_steps": str(s.steps),
+            "rae.guidance": s.guidance, "rae.scale": str(s.scale if s.guidance != "none" else 0)}
+
+
+def registered_name(cfg: Config, kind: str) -> str:
+    tags = _group_tags(cfg)
+    return f"rae-{kind}-{tags['rae.dataset']}-{cfg.data.resolution}"
+
+
+def _after_stage(name: str, cfg: Config, paths: Paths, run_id: str, out: dict) -> None:
+    """Artifacts and registered models of a finished stage."""
+    c = tracking.client()
+    if name == "train-decoder":
+        from rae_core.autoencoder import load_decoder, load_encoder
+
+        enc = load_encoder(cfg, paths)
+        version = tracking.register(run_id, load_decoder(cfg, paths, enc),
+                                    registered_name(cfg, "decoder"),
+                                    {"preset": cfg.preset, "encoder": cfg.encoder.name})
+        c.set_tag(run_id, "rae.registered_version", version)
+    elif name == "train-dit":
+        from rae_core.autoencoder import load_encoder
+        from rae_core.generate import load_generator
+
+        shape = load_encoder(cfg, paths).latent_shape
+        model = load_generator(paths.dit_dir / "ema.pt", shape, cfg.data.num_classes)
+        version = tracking.register(run_id, model, registered_name(cfg, "generator"),
+                                    {"preset": cfg.preset, "model": cfg.dit.model})
+        (paths.dit_dir / "registered.json").write_text(json.dumps(
+            {"name": registered_name(cfg, "generator"), "version": version}))
+        c.set_tag(run_id, "rae.registered_version", version)
+    elif name == "sample":
+        c.log_artifact(run_id, str(paths.samples_dir / "grid.png"), artifact_path="images")
+    elif name == "evaluate":
+        from flows.leaderboard import crown_champion
+
+        tags = _group_tags(cfg)
+        tags["rae.extractor"] = str(out.get("extractor", ""))
+        tags["rae.kind"] = tracking.EVAL_KIND
+        reg = paths.dit_dir / "registered.json"
+        if reg.exists():
+            tags["rae.generator_version"] = json.loads(reg.read_text())["version"]
+        for k, v in tags.items():
+            c.set_tag(run_id, k, v)
+        c.log_artifact(run_id, str(paths.evaluate_dir / "metrics.json"))
+        grid = paths.samples_dir / "grid.png"
+        if grid.exists():
+            c.log_artifact(run_id, str(grid), artifact_path="images")
+        if reg.exists():
+            group = " / ".join(f"{k}={tags['rae.' + k]}" for k in
+                               ("dataset", "resolution", "extractor", "num_samples"))
+            tracking.end_run(run_id)
+            crown_champion(cfg.tracking.experiment, registered_name(cfg, "generator"), group)
+
+
+def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None) -> dict:
+    """One stage inside its MLflow run; a failure marks the run FAILED with the one-line reason."""
+    run_id = tracking.start_run(cfg, paths.root, name, parent, tags={"rae.stage": name})
+    t0 = time.time()
+    try:
+        with tracking.MetricsForwarder(run_id, paths.metrics_log(name)) as fwd:
+            out = STAGES[name](cfg, paths)
+        out = dict(out or {})
+        out["wall_s"] = time.time() - t0
+        if fwd.first_time is not None:
+            out["startup_s"] = fwd.first_time - t0
+        tracking.log_numbers(run_id, out, prefix="stage.")
+        _after_stage(name, cfg, paths, run_id, out)
+    except BaseException as e:
+        tracking.end_run(run_id, "FAILED", one_line(e))
+        raise
+    tracking.end_run(run_id)
+    return out
+
+
+def one_line(e: BaseException) -> str:
+    """The user-facing line of an error, unwrapping Ray's wrappers to the original cause."""
+    seen = e
+    while True:
+        inner = getattr(seen, "cause", None) or seen.__cause__
+        if isinstance(seen, RaeError) or inner is None or inner is seen:
+            break
+        seen = inner
+    msg = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {msg[-1] if msg else ''}" if not isinstance(
+        seen, RaeError) else (msg[0] if msg else type(seen).__name__)
+
+
+@task(cache_policy=NO_CACHE, name="stage")
+def stage_task(name: str, cfg_dict: dict, root: str, parent: str | None) -> dict:
+    return run_stage(name, from_dict(cfg_dict), Paths.at(root), parent)
+
+
+@flow(name="rae-pipeline")
+def pipeline_flow(cfg_dict: dict, root: str, until: str | None = None) -> dict:
+    """prepare -> pretrain-encoder -> stats -> extract -> train-decoder -> train-dit -> sample
+    -> evaluate, one task each, under one parent MLflow run."""
+    cfg, paths = from_dict(cfg_dict), Paths.at(root)
+    last = ORDER.index(until) if until else len(ORDER) - 1
+    parent = tracking.start_run(cfg, paths.root, f"pipeline-{cfg.preset}",
+                                tags={"rae.kind": "pipeline"})
+    t0, outputs = time.time(), {}
+    try:
+        for name in ORDER[: last + 1]:
+            outputs[name] = stage_task.with_options(name=name)(name, cfg_dict, root, parent)
+    except BaseException as e:
+        tracking.end_run(parent, "FAILED", one_line(e))
+        raise
+    startup = sum(o.get("startup_s", 0.0) for o in outputs.values())
+    tracking.log_numbers(parent, {"wall_s": time.time() - t0, "ray_startup_s": startup},
+                         prefix="pipeline.")
+    tracking.end_run(parent)
+    return outputs
+
+
+@flow(name="rae-stage")
+def stage_flow(name: str, cfg_dict: dict, root: str) -> dict:
+    return stage_task.with_options(name=name)(name, cfg_dict, root, None)

@@ -1,0 +1,151 @@
+"""MLflow tracking: one parent run per pipeline run, one child run per stage, metrics forwarded
+from the stage's JSON-lines log while it runs, artifacts, registered models, the leaderboard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rae_core.config import Config
+
+log = logging.getLogger(__name__)
+
+EVAL_KIND = "evaluation"
+SECRET_WORDS = ("token", "password", "secret", "key_id", "access_key", "credential")
+
+
+def client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def experiment_id(cfg: Config, root: Path) -> str:
+    import mlflow
+
+    name = cfg.tracking.experiment
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    location = (root / "mlartifacts" / name).as_uri() if uri.startswith("sqlite") else None
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def _safe_params(cfg: Config) -> dict[str, str]:
+    """Flattened params; values of keys that look like credentials are never logged."""
+    out = {}
+    for k, v in cfg.flat().items():
+        out[k] = "***" if any(w in k.lower() for w in SECRET_WORDS) else str(v)[:5000]
+    return out
+
+
+def start_run(cfg: Config, root: Path, name: str, parent: str | None = None,
+              tags: dict[str, str] | None = None) -> str:
+    from mlflow.entities import Param
+
+    c = client()
+    all_tags = {"mlflow.runName": name, "rae.preset": cfg.preset, **(tags or {})}
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    run = c.create_run(experiment_id(cfg, root), tags=all_tags)
+    params = [Param(k, v) for k, v in _safe_params(cfg).items()]
+    for i in range(0, len(params), 100):
+        c.log_batch(run.info.run_id, params=params[i: i + 100])
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+    c = client()
+    if error:
+        c.set_tag(run_id, "rae.error", error[:5000])
+    c.set_terminated(run_id, status)
+
+
+def log_numbers(run_id: str, values: dict[str, Any], prefix: str = "", step: int = 0) -> None:
+    """Numeric values as metrics, strings as tags."""
+    from mlflow.entities import Metric
+
+    c, now = client(), int(time.time() * 1000)
+    metrics = []
+    for k, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            c.set_tag(run_id, f"{prefix}{k}", str(v)[:5000])
+        else:
+            metrics.append(Metric(f"{prefix}{k}", float(v), now, step))
+    if metrics:
+        c.log_batch(run_id, metrics=metrics)
+
+
+class MetricsForwarder:
+    """Tails a stage's JSON-lines log into its MLflow run, live, from a background thread."""
+
+    def __init__(self, run_id: str, path: Path, interval: float = 2.0):
+        self.run_id, self.path, self.interval = run_id, path, interval
+        self.offset = 0
+        self.first_time: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> MetricsForwarder:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a tracking hiccup must not kill training
+                log.warning("metrics forwarding failed; will retry", exc_info=True)
+
+    def flush(self) -> None:
+        from mlflow.entities import Metric
+
+        if not self.path.exists():
+            return
+        with open(self.path) as f:
+            f.seek(self.offset)
+            lines = f.readlines()
+        complete = [ln for ln in lines if ln.endswith("\n")]
+        self.offset += sum(len(ln) for ln in complete)
+        metrics, c = [], client()
+        for ln in complete:
+            rec = json.loads(ln)
+            if self.first_time is None:
+                self.first_time = rec["time"]
+            if "metrics" in rec:
+                ts = int(rec["time"] * 1000)
+                metrics += [Metric(k, v, ts, rec["step"]) for k, v in rec["metrics"].items()]
+            elif "artifact" in rec:
+                c.log_artifact(self.run_id, rec["artifact"], artifact_path="images")
+            elif "event" in rec:
+                c.set_tag(self.run_id, "rae.event", rec["event"])
+        for i in range(0, len(metrics), 1000):
+            c.log_batch(self.run_id, metrics=metrics[i: i + 1000])
+
+
+def register(run_id: str, model, name: str, tags: dict[str, str]) -> str:
+    """Log a model to the run and register it; returns the new version."""
+    import mlflow
+    import mlflow.pytorch
+
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                        registered_model_name=name)
+    version = str(info.registered_model_version)
+    c = client()
+    for k, v in tags.items():
+        c.set_model_version_tag(name, version, k, v)
+    return version

@@ -1,0 +1,344 @@
+"""Typed schema of params.yaml.
+
+Every section is a dataclass whose defaults are the embedded default (`tiny` preset). Loading
+validates a nested dict against the schema: unknown keys, wrong types and out-of-range values
+raise ConfigError with one line naming the key, the bad value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rae_core.errors import ConfigError
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+def _f(default: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+    return field(default=default, metadata=_range(lo, hi, lo_open=lo_open))
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["digits", "folder"] = "digits"
+    source: str | None = None  # an existing image folder (train/, val/ with class sub-folders)
+    root: str = "data/dataset"  # where `prepare` materialises the digits or links `source`
+    resolution: int = _f(32, 8, 2048)
+    val_fraction: float = _f(0.2, 0.0, 0.9, lo_open=True)
+    num_classes: int = _f(10, 1, 100000)
+
+
+@dataclass
+class PretrainConfig:
+    """MAE pretraining of the small encoder (only for encoders the platform pretrains itself)."""
+
+    steps: int = _f(1200, 1)
+    batch_size: int = _f(128, 1)
+    lr: float = _f(1.5e-3, 0.0, lo_open=True)
+    weight_decay: float = _f(0.05, 0.0)
+    warmup_steps: int = _f(100, 0)
+    mask_ratio: float = _f(0.75, 0.0, 0.99)
+    ckpt_every: int = _f(200, 1)
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "mae-tiny"
+    weights: str | None = None  # local weights file; None = pretrained here (mae-*) or hub cache
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+@dataclass
+class StatsConfig:
+    batch_size: int = _f(256, 1)
+    shards: int = _f(2, 1)  # parallel workers; the merge is exact whatever the count
+
+
+@dataclass
+class ExtractConfig:
+    enabled: bool = True  # False: training stages encode images on the fly
+    batch_size: int = _f(256, 1)
+    shard_size: int = _f(512, 1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class GanConfig:
+    disc: Literal["small", "dino"] = "small"
+    disc_weights: str | None = None  # local DINO ViT-S/8 weights for disc = dino
+    weight: float = _f(0.75, 0.0)
+    disc_start_step: int = _f(600, 0)
+    gen_start_step: int = _f(800, 0)
+    disc_lr: float = _f(2e-4, 0.0, lo_open=True)
+    diffaug: bool = True
+
+
+@dataclass
+class DecoderConfig:
+    model: str = "ViT-tiny"
+    patch_size: int = _f(8, 1)
+    noise_tau: float = _f(0.8, 0.0)
+    noise_law: Literal["paper", "reference"] = "paper"
+    steps: int = _f(1200, 1)
+    batch_size: int = _f(128, 1)
+    lr: float = _f(1e-3, 0.0, lo_open=True)
+    min_lr: float = _f(1e-4, 0.0)
+    warmup_steps: int = _f(60, 0)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = _f(0.0, 0.0)
+    ema: float = _f(0.999, 0.0, 1.0)
+    lpips_weight: float = _f(0.0, 0.0)  # no VGG weights offline: L1 + GAN in the embedded default
+    lpips_weights: str | None = None  # local torchvision vgg16 state dict for LPIPS
+    gan: GanConfig = field(default_factory=GanConfig)
+    eval_every: int = _f(400, 1)
+    ckpt_every: int = _f(200, 1)
+
+
+@dataclass
+class DiTConfig:
+    model: str = "DiTDH-tiny"
+    steps: int = _f(2000, 1)
+    batch_size: int = _f(128, 1)  # global batch, split across workers and accumulation steps
+    grad_accum: int = _f(1, 1)
+    lr: float = _f(1e-3, 0.0, lo_open=True)
+    min_lr: float = _f(1e-4, 0.0)
+    warmup_steps: int = _f(100, 0)
+    decay_start_step: int = _f(1000, 0)  # constant lr until here, then linear decay to min_lr
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = _f(0.0, 0.0)
+    ema: float = _f(0.995, 0.0, 1.0)
+    grad_clip: float = _f(1.0, 0.0)
+    time_dist: Literal["logit_normal", "uniform"] = "logit_normal"
+    shift_base: float = _f(4096.0, 1.0)
+    shift: float | None = None  # explicit shift; None = sqrt(tokens * channels / shift_base)
+    label_dropout: float = _f(0.1, 0.0, 1.0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    latents: Literal["shards", "online"] = "shards"
+    sample_every: int = _f(1000, 1)
+    ckpt_every: int = _f(250, 1)
+
+
+@dataclass
+class SampleConfig:
+    num_per_class: int = _f(50, 1)
+    sampler: Literal["euler", "heun"] = "euler"
+    steps: int = _f(50, 2)
+    guidance: Literal["none", "cfg", "autoguidance"] = "cfg"
+    scale: float = _f(2.0, 0.0)
+    interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    weak_model: str | None = None  # AutoGuidance: a checkpoint file of a weaker/earlier model
+    batch_size: int = _f(250, 1)
+    shard_size: int = _f(250, 1)
+    seed: int = _f(0, 0)
+
+
+@dataclass
+class EvaluateConfig:
+    extractor: Literal["domain", "inception"] = "domain"
+    inception_weights: str | None = None  # local inception-2015-12-05.pt for extractor = inception
+    classifier_epochs: int = _f(15, 1)
+    pr_k: int = _f(3, 1)
+    batch_size: int = _f(250, 1)
+
+
+@dataclass
+class RayConfig:
+    num_workers: int = _f(1, 1)
+    use_gpu: bool = False
+    cpus_per_worker: int = _f(2, 1)
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "rae"
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    seed: int = _f(0, 0)
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, as logged to MLflow."""
+        return flatten(self.to_dict())
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short hash of the named sections (all when none): keys checkpoints and outputs."""
+        d = self.to_dict()
+        picked = {s: d[s] for s in sections} if sections else d
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif isinstance(tp, types.UnionType) or origin is typing.Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        if isinstance(value, list | tuple):
+            return [_coerce(v, typing.get_args(tp)[0], key) for v in value]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: {value!r} is not valid; expected {_type_name(tp)}")
+
+
+def _check_range(value: Any, meta: Any, key: str) -> None:
+    lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open")
+    if value is None or (lo is None and hi is None):
+        return
+    low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+    high_bad = hi is not None and value > hi
+    if low_bad or high_bad:
+        left = "(" if lo_open else "["
+        rng = f"{left}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ConfigError(f"{key}: {value!r} is out of range; valid values lie in {rng}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'params'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            valid = ", ".join(prefix + k for k in fields)
+            raise ConfigError(f"{dotted}: unknown key{hint} (valid keys: {valid})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+            _check_range(kwargs[key], fields[key].metadata, dotted)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> Config:
+    """Validate a nested dict (params.yaml) into a Config; missing keys take their defaults."""
+    cfg = _build(Config, data, "")
+    _check_consistency(cfg)
+    return cfg
+
+
+def _check_consistency(cfg: Config) -> None:
+    if cfg.data.dataset == "folder" and not cfg.data.source:
+        raise ConfigError("data.source: null is not valid with data.dataset=folder; "
+                          "give the path of an image folder with train/ and val/ sub-folders")
+    if cfg.dit.batch_size % (cfg.dit.grad_accum * cfg.ray.num_workers):
+        raise ConfigError(f"dit.batch_size: {cfg.dit.batch_size} is not divisible by "
+                          f"dit.grad_accum x ray.num_workers = "
+                          f"{cfg.dit.grad_accum * cfg.ray.num_workers}")
+    lo, hi = cfg.sample.interval if len(cfg.sample.interval) == 2 else (None, None)
+    if lo is None or not 0.0 <= lo < hi <= 1.0:
+        raise ConfigError(f"sample.interval: {cfg.sample.interval!r} is not valid; "
+                          "expected [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1")
+    if cfg.sample.guidance == "autoguidance" and not cfg.sample.weak_model:
+        raise ConfigError("sample.weak_model: null is not valid with sample.guidance=autoguidance; "
+                          "give a checkpoint file of the weaker model")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` with a YAML-typed value (so `3` is an int, `null` None, `[0, 1]` a list)."""
+    import yaml
+
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. dit.steps=100")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in a nested dict; unknown keys are left for validation to name."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, value = parse_override(item)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if node.get(part) is None else node[part]
+                if not isinstance(node[part], dict):
+                    raise ConfigError(f"{key}: {parts[0]}... is not a section; cannot set {key}")
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,1 @@
+"""Datasets: image folders (ImageNet layout), the shipped digits, latent shards."""

@@ -1,0 +1,69 @@
+"""Latent shards written by `extract` and the sources the DiT trainer reads batches from.
+
+A shard holds the raw (un-normalised) latents of a run of training images under both horizontal
+flips, (n, 2, C, H, W); a source picks one flip at random per sample and normalises.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rae_core.errors import DataError
+
+MANIFEST = "manifest.json"
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.pt"
+
+
+def read_manifest(latents_dir: Path) -> dict:
+    path = Path(latents_dir) / MANIFEST
+    if not path.exists():
+        raise DataError(f"{path}: latent shards not found; run `rae stage extract` first "
+                        "or set dit.latents=online")
+    return json.loads(path.read_text())
+
+
+class ShardSource:
+    """All shards memory-mapped; `get` returns normalised latents and labels for indices."""
+
+    def __init__(self, latents_dir: Path, stats, expected_identity: dict):
+        manifest = read_manifest(latents_dir)
+        if manifest["identity"] != expected_identity:
+            raise DataError(f"{latents_dir}: latents were extracted with {manifest['identity']} "
+                            f"but the configuration needs {expected_identity}; re-run extract")
+        parts = [torch.load(Path(latents_dir) / s, map_location="cpu", weights_only=True,
+                            mmap=True) for s in manifest["shards"]]
+        self.latents = torch.cat([p["latents"] for p in parts])  # (N, 2, C, H, W)
+        self.labels = torch.cat([p["labels"] for p in parts])  # (N,)
+        self.stats = stats
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        flip = torch.randint(0, 2, (len(idx),), generator=generator)
+        z = self.latents[idx, flip].float()  # (B, C, H, W)
+        return self.stats.normalize(z), self.labels[idx]
+
+
+class OnlineSource:
+    """Encodes training images on the fly (the ImageNet-scale option: no latent cache)."""
+
+    def __init__(self, dataset, encoder, stats, device):
+        self.dataset, self.encoder, self.stats, self.device = dataset, encoder, stats, device
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [self.dataset[int(i)] for i in idx]
+        images = torch.stack([im for im, _ in items]).to(self.device)
+        flip = torch.rand(len(idx), generator=generator) < 0.5
+        images[flip.to(self.device)] = images[flip.to(self.device)].flip(-1)
+        z = self.encoder.encode(images)
+        return self.stats.normalize(z), torch.tensor([lab for _, lab in items])

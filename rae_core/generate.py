@@ -1,0 +1,109 @@
+"""The sample stage: N images per class from the EMA DiT, decoded by the RAE decoder.
+
+The requested images are cut into fixed shards, each with its own seed, so the same
+configuration yields the same images whatever the number of Ray workers; finished shards are
+kept, so a killed run resumes at the first missing one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rae_core.config import Config, from_dict
+from rae_core.paths import Paths
+from rae_core.train.common import safe_load, write_json
+
+log = logging.getLogger(__name__)
+
+
+def load_generator(path: Path, latent_shape, num_classes: int) -> torch.nn.Module:
+    """An EMA checkpoint ({'model', 'name'}) as an eval-mode model; also AutoGuidance's weak one."""
+    from rae_core.models import build_model
+
+    state = safe_load(path)
+    c, h, _ = latent_shape
+    model = build_model(state["name"], in_channels=c, grid_size=h, num_classes=num_classes,
+                        allow_narrow=True)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def _shard(cfg_dict: dict, root: str, index: int, labels: list[int], path: str) -> str:
+    from rae_core.autoencoder import load_decoder, load_encoder, load_stats
+    from rae_core.images import to_uint8
+    from rae_core.sampling import generate
+    from rae_core.train.dit import latent_shift
+
+    cfg, paths = from_dict(cfg_dict), Paths.at(root)
+    s = cfg.sample
+    encoder = load_encoder(cfg, paths)
+    stats = load_stats(cfg, paths, encoder)
+    decoder = load_decoder(cfg, paths, encoder)
+    shape = tuple(encoder.latent_shape)
+    model = load_generator(paths.dit_dir / "ema.pt", shape, cfg.data.num_classes)
+    weak = load_generator(paths.dataset(s.weak_model), shape, cfg.data.num_classes) \
+        if s.guidance == "autoguidance" else None
+    g = torch.Generator().manual_seed(s.seed * 1_000_003 + index)
+    y = torch.tensor(labels, dtype=torch.long)
+    images = []
+    with torch.no_grad():
+        for i in range(0, len(y), s.batch_size):
+            z = generate(model, y[i: i + s.batch_size], shape, steps=s.steps, method=s.sampler,
+                         shift=latent_shift(cfg, shape), guidance=s.guidance, scale=s.scale,
+                         interval=tuple(s.interval), weak_model=weak, generator=g)
+            images.append(to_uint8(decoder(stats.denormalize(z))))
+    arr = np.concatenate(images)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.npz")
+    np.savez(tmp, images=arr, labels=np.asarray(labels))
+    tmp.replace(path)
+    return path
+
+
+def run(cfg: Config, paths: Paths) -> dict:
+    from rae_core.images import grid, save_png
+    from rae_core.sampling import balanced_labels
+    from rae_core.train.runner import map_shards
+
+    s, out = cfg.sample, paths.samples_dir
+    labels = balanced_labels(s.num_per_class, cfg.data.num_classes).tolist()
+    key = {"sample": cfg.to_dict()["sample"], "dit": cfg.fingerprint("data", "encoder", "dit"),
+           "decoder": cfg.fingerprint("decoder"), "model_mtime":
+           (paths.dit_dir / "ema.pt").stat().st_mtime_ns}
+    marker = out / "shards.key.json"
+    if marker.exists() and json.loads(marker.read_text()) != key:
+        for old in out.glob("shard-*.npz"):
+            old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(marker, key)
+    shards = [labels[i: i + s.shard_size] for i in range(0, len(labels), s.shard_size)]
+    names = [out / f"shard-{i:05d}.npz" for i in range(len(shards))]
+    todo = [(cfg.to_dict(), str(paths.root), i, lab, str(p))
+            for i, (lab, p) in enumerate(zip(shards, names, strict=True)) if not p.exists()]
+    map_shards(_shard, todo, cfg)
+    parts = [np.load(p) for p in names]
+    images = np.concatenate([p["images"] for p in parts])
+    ys = np.concatenate([p["labels"] for p in parts])
+    tmp = out / ".samples.tmp.npz"
+    np.savez(tmp, images=images, labels=ys)
+    tmp.replace(out / "samples.npz")
+    _write_pngs(images, ys, out / "png")
+    per_class = min(s.num_per_class, 10)
+    pick = np.concatenate([np.flatnonzero(ys == c)[:per_class]
+                           for c in range(min(cfg.data.num_classes, 20))])
+    save_png(grid(images[pick], nrow=per_class), out / "grid.png", upscale=2)
+    return {"images": int(len(images)), "shards": len(shards),
+            "reused_shards": len(shards) - len(todo)}
+
+
+def _write_pngs(images: np.ndarray, labels: np.ndarray, folder: Path) -> None:
+    from PIL import Image
+
+    for i, (im, y) in enumerate(zip(images, labels, strict=True)):
+        d = folder / str(int(y))
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(d / f"{i:06d}.png")

@@ -1,0 +1,61 @@
+"""Where each stage reads and writes, relative to the project root (all DVC outputs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | Path) -> Paths:
+        return cls(Path(root).resolve())
+
+    def dataset(self, data_root: str) -> Path:
+        return self.root / data_root
+
+    @property
+    def encoder_dir(self) -> Path:
+        return self.root / "models" / "encoder"
+
+    @property
+    def stats_file(self) -> Path:
+        return self.root / "models" / "stats" / "stats.pt"
+
+    @property
+    def latents_dir(self) -> Path:
+        return self.root / "data" / "latents"
+
+    @property
+    def decoder_dir(self) -> Path:
+        return self.root / "models" / "decoder"
+
+    @property
+    def dit_dir(self) -> Path:
+        return self.root / "models" / "dit"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.root / "runs" / "samples"
+
+    @property
+    def evaluate_dir(self) -> Path:
+        return self.root / "runs" / "evaluate"
+
+    @property
+    def reference_dir(self) -> Path:
+        return self.root / "models" / "reference"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "runs" / "checkpoints"
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.root / "runs" / "ray"
+
+    def metrics_log(self, stage: str) -> Path:
+        return self.root / "runs" / "logs" / f"{stage}.jsonl"

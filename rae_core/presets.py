@@ -1,0 +1,119 @@
+"""The registry of named presets: overrides on top of the schema defaults (the `tiny` preset).
+
+ImageNet numbers follow the paper (rae-method.md); epochs are converted to optimiser steps with
+1,281,167 training images.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from rae_core.errors import ConfigError
+
+IMAGENET_TRAIN = 1_281_167
+
+
+def _epochs(epochs: float, batch: int) -> int:
+    return round(epochs * IMAGENET_TRAIN / batch)
+
+
+SMOKE = {
+    "preset": "smoke",
+    "encoder": {"name": "mae-micro",
+                "pretrain": {"steps": 40, "batch_size": 64, "warmup_steps": 5, "ckpt_every": 20}},
+    "stats": {"batch_size": 512},
+    "extract": {"batch_size": 512, "shard_size": 400},
+    "decoder": {"model": "ViT-micro", "steps": 40, "batch_size": 64, "warmup_steps": 5,
+                "eval_every": 20, "ckpt_every": 20,
+                "gan": {"disc_start_step": 20, "gen_start_step": 25}},
+    "dit": {"model": "DiTDH-micro", "steps": 60, "batch_size": 64, "grad_accum": 2,
+            "warmup_steps": 5, "decay_start_step": 30, "sample_every": 30, "ckpt_every": 20},
+    "sample": {"num_per_class": 8, "steps": 10, "batch_size": 80, "shard_size": 40},
+    "evaluate": {"classifier_epochs": 2},
+}
+
+TINY: dict = {"preset": "tiny"}
+
+
+def _imagenet(resolution: int, dit_epochs: int, ag_scale: float, ag_epochs: int) -> dict:
+    dec_batch, dit_batch = 512, 1024
+    return {
+        "preset": f"imagenet{resolution}",
+        "data": {"dataset": "folder", "source": "data/imagenet", "root": "data/imagenet",
+                 "resolution": resolution, "num_classes": 1000},
+        "encoder": {"name": "dinov2-b"},
+        "stats": {"batch_size": 256, "shards": 8},
+        "extract": {"enabled": False, "dtype": "bfloat16", "shard_size": 8192},
+        "decoder": {"model": "ViT-XL", "patch_size": 16, "noise_tau": 0.8, "noise_law": "paper",
+                    "steps": _epochs(16, dec_batch), "batch_size": dec_batch, "lr": 2e-4,
+                    "min_lr": 2e-5, "warmup_steps": _epochs(1, dec_batch), "ema": 0.9978,
+                    "lpips_weight": 1.0,
+                    "gan": {"disc": "dino", "weight": 0.75,
+                            "disc_start_step": _epochs(6, dec_batch),
+                            "gen_start_step": _epochs(8, dec_batch)},
+                    "eval_every": 5000, "ckpt_every": 2500},
+        "dit": {"model": "DiTDH-XL", "steps": _epochs(dit_epochs, dit_batch),
+                "batch_size": dit_batch, "lr": 2e-4, "min_lr": 2e-5, "warmup_steps": 0,
+                "decay_start_step": _epochs(40, dit_batch), "ema": 0.9995, "grad_clip": 1.0,
+                "time_dist": "logit_normal", "shift_base": 4096.0, "precision": "bf16",
+                "compile": True, "latents": "online", "sample_every": 25000,
+                "ckpt_every": 5000},
+        "sample": {"num_per_class": 50, "sampler": "euler", "steps": 50,
+                   "guidance": "autoguidance", "scale": ag_scale,
+                   "weak_model": f"models/autoguidance/DiTDH-S-{resolution}px-ep{ag_epochs}.pt",
+                   "batch_size": 125, "shard_size": 1000},
+        "evaluate": {"extractor": "inception"},
+        "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},
+    }
+
+
+PRESETS: dict[str, dict] = {
+    "smoke": SMOKE,
+    "tiny": TINY,
+    "imagenet256": _imagenet(256, 800, 1.42, 14),
+    "imagenet512": _imagenet(512, 400, 1.5, 20),
+}
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"--preset {name}: unknown preset{hint} "
+                          f"(valid presets: {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+def load_config(params_path: str | None = None, preset_name: str | None = None,
+                overrides: list[str] | tuple[str, ...] = ()):
+    """The active configuration: a preset (when named) or params.yaml, plus `--set` overrides."""
+    import os
+
+    import yaml
+
+    from rae_core.config import apply_overrides, from_dict, merge
+
+    if preset_name is not None:
+        data = merge({}, preset(preset_name))
+    elif params_path is not None and os.path.exists(params_path):
+        with open(params_path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" line {mark.line + 1}" if mark else ""
+                raise ConfigError(f"{params_path}:{where} is not valid YAML") from None
+    else:
+        data = merge({}, TINY)
+    return from_dict(apply_overrides(data, list(overrides)))
+
+
+def preset_yaml(name: str) -> str:
+    """The full configuration of a preset as the text of a params.yaml."""
+    import yaml
+
+    from rae_core.config import from_dict
+
+    header = (f"# Active configuration, tracked by DVC. Written by `rae params --preset {name}`;\n"
+              "# every key is validated by rae_core/config.py.\n")
+    return header + yaml.safe_dump(from_dict(preset(name)).to_dict(), sort_keys=False)

@@ -1,0 +1,181 @@
+"""Every pipeline stage as `stage(cfg, paths) -> outputs`; the flows and the CLI call these.
+
+Order: prepare -> pretrain-encoder -> stats -> extract -> train-decoder -> train-dit -> sample
+-> evaluate. Training stages run on Ray Train; stats, extract and sample fan out as Ray tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from rae_core.config import Config
+from rae_core.paths import Paths
+from rae_core.train.common import write_json
+
+log = logging.getLogger(__name__)
+
+
+def prepare(cfg: Config, paths: Paths) -> dict:
+    """Materialise the digits, or validate an existing image folder (ImageNet layout)."""
+    from rae_core.data.digits import materialise_digits
+    from rae_core.data.folder import validate_folder
+
+    root = paths.dataset(cfg.data.root)
+    if cfg.data.dataset == "digits":
+        materialise_digits(root, cfg.data.val_fraction, cfg.seed)
+    elif cfg.data.source and paths.dataset(cfg.data.source) != root:
+        src = paths.dataset(cfg.data.source)
+        validate_folder(src, cfg.data.num_classes)
+        if root.is_symlink() or not root.exists():
+            root.parent.mkdir(parents=True, exist_ok=True)
+            root.unlink(missing_ok=True)
+            root.symlink_to(src, target_is_directory=True)
+    summary = validate_folder(root, cfg.data.num_classes)
+    write_json(root.parent / f"{root.name}.json", summary)
+    return {"train_images": summary["train"], "val_images": summary["val"],
+            "classes": len(summary["classes"])}
+
+
+def pretrain_encoder(cfg: Config, paths: Paths) -> dict:
+    from rae_core.train import pretrain_encoder as stage
+
+    return stage.run(cfg, paths)
+
+
+def _encode_range(cfg_dict: dict, root: str, start: int, end: int, both_flips: bool):
+    """Raw latents of training images [start, end): (n, 2, C, H, W) or (n, C, H, W), labels."""
+    from rae_core.autoencoder import load_encoder
+    from rae_core.config import from_dict
+    from rae_core.data.folder import ImageFolderDataset
+
+    cfg, paths = from_dict(cfg_dict), Paths.at(root)
+    encoder = load_encoder(cfg, paths)
+    ds = ImageFolderDataset(paths.dataset(cfg.data.root), "train", cfg.data.resolution)
+    bs = cfg.extract.batch_size
+    zs, ys = [], []
+    for i in range(start, end, bs):
+        items = [ds[j] for j in range(i, min(i + bs, end))]
+        x = torch.stack([im for im, _ in items])
+        z = encoder.encode(x)
+        zs.append(torch.stack([z, encoder.encode(x.flip(-1))], 1) if both_flips else z)
+        ys += [lab for _, lab in items]
+    return torch.cat(zs), torch.tensor(ys, dtype=torch.long)
+
+
+def _stats_shard(cfg_dict: dict, root: str, start: int, end: int) -> dict:
+    from rae_core.encoders import LatentStats
+
+    z, _ = _encode_range(cfg_dict, root, start, end, both_flips=True)
+    st = LatentStats(tuple(z.shape[2:]))
+    st.update(z.flatten(0, 1))
+    return st.state_dict()
+
+
+def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    edges = np.linspace(0, n, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+def stats(cfg: Config, paths: Paths) -> dict:
+    """Exact per-element mean/var of the latents of all training images under both flips."""
+    from rae_core.autoencoder import load_encoder, stats_identity
+    from rae_core.data.folder import scan_split
+    from rae_core.encoders import LatentStats
+    from rae_core.train.runner import map_shards
+
+    n = len(scan_split(paths.dataset(cfg.data.root), "train"))
+    parts = map_shards(_stats_shard, [(cfg.to_dict(), str(paths.root), a, b)
+                                      for a, b in _ranges(n, cfg.stats.shards)], cfg)
+    total = LatentStats.from_state_dict(parts[0])
+    for p in parts[1:]:
+        total.merge(LatentStats.from_state_dict(p))
+    encoder = load_encoder(cfg, paths)
+    total.save(paths.stats_file, stats_identity(cfg, encoder))
+    var = total.var
+    return {"count": int(total.count), "mean_abs_mean": float(total.mean.abs().mean()),
+            "mean_var": float(var.mean()), "min_var": float(var.min())}
+
+
+def _extract_shard(cfg_dict: dict, root: str, start: int, end: int, path: str) -> str:
+    from rae_core.config import from_dict
+    from rae_core.train.common import atomic_save
+
+    cfg = from_dict(cfg_dict)
+    z, y = _encode_range(cfg_dict, root, start, end, both_flips=True)
+    atomic_save({"latents": z.to(getattr(torch, cfg.extract.dtype)), "labels": y,
+                 "start": start}, path)
+    return path
+
+
+def extract(cfg: Config, paths: Paths) -> dict:
+    """Latents of every training image under both flips, in shards; finished shards are kept."""
+    from rae_core.autoencoder import load_encoder, stats_identity
+    from rae_core.data.folder import scan_split
+    from rae_core.data.latents import MANIFEST, shard_name
+    from rae_core.train.runner import map_shards
+
+    out = paths.latents_dir
+    encoder = load_encoder(cfg, paths)
+    identity = stats_identity(cfg, encoder)
+    if not cfg.extract.enabled:
+        write_json(out / MANIFEST, {"identity": identity, "shards": [], "disabled": True})
+        return {"shards": 0, "skipped": True}
+    n = len(scan_split(paths.dataset(cfg.data.root), "train"))
+    size = cfg.extract.shard_size
+    ranges = [(a, min(a + size, n)) for a in range(0, n, size)]
+    key = {"identity": identity, "shard_size": size, "dtype": cfg.extract.dtype, "count": n}
+    marker = out / "shards.key.json"
+    import json
+
+    if marker.exists() and json.loads(marker.read_text()) != key:
+        for old in out.glob("shard-*.pt"):
+            old.unlink()
+    write_json(marker, key)
+    todo = [(cfg.to_dict(), str(paths.root), a, b, str(out / shard_name(i)))
+            for i, (a, b) in enumerate(ranges) if not (out / shard_name(i)).exists()]
+    if len(todo) < len(ranges):
+        log.info("extract: %d of %d shards already done", len(ranges) - len(todo), len(ranges))
+    map_shards(_extract_shard, todo, cfg)
+    write_json(out / MANIFEST, {"identity": identity, "count": n,
+                                "shards": [shard_name(i) for i in range(len(ranges))]})
+    return {"shards": len(ranges), "reused_shards": len(ranges) - len(todo), "images": n}
+
+
+def train_decoder(cfg: Config, paths: Paths) -> dict:
+    from rae_core.train import decoder as stage
+
+    return stage.run(cfg, paths)
+
+
+def train_dit(cfg: Config, paths: Paths) -> dict:
+    from rae_core.train import dit as stage
+
+    return stage.run(cfg, paths)
+
+
+def sample(cfg: Config, paths: Paths) -> dict:
+    from rae_core import generate
+
+    return generate.run(cfg, paths)
+
+
+def evaluate(cfg: Config, paths: Paths) -> dict:
+    from rae_core import evaluation
+
+    return evaluation.run(cfg, paths)
+
+
+STAGES: dict[str, Callable[[Config, Paths], dict]] = {
+    "prepare": prepare,
+    "pretrain-encoder": pretrain_encoder,
+    "stats": stats,
+    "extract": extract,
+    "train-decoder": train_decoder,
+    "train-dit": train_dit,
+    "sample": sample,
+    "evaluate": evaluate,
+}

@@ -1,0 +1,1 @@
+"""Per-stage training loops (run inside Ray Train workers), checkpoints, EMA, schedules."""

@@ -1,0 +1,118 @@
+"""Pieces every training loop shares: atomic checkpoints, EMA, lr schedules, metric logs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rae_core.errors import DataError
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file, then rename: an interrupted write keeps the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def safe_load(path: str | Path) -> Any:
+    """torch.load with weights_only=True; a damaged file raises DataError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; run the stage that writes it first") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise DataError(f"{path}: cannot be loaded ({type(e).__name__}); delete it and re-run "
+                        "the stage that writes it") from None
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers (kept in fp32)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            ema_b.copy_(b)
+
+
+def warmup_cosine(step: int, base_lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine from base_lr to min_lr at `total` (the decoder's schedule)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def warmup_constant_linear(step: int, base_lr: float, min_lr: float, warmup: int,
+                           decay_start: int, total: int) -> float:
+    """Linear warmup, constant, then linear decay to min_lr at `total` (the DiT schedule)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if step < decay_start:
+        return base_lr
+    progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+    return base_lr + (min_lr - base_lr) * progress
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class MetricsLog:
+    """Append-only JSON lines of per-step metrics and artifacts; the flow forwards them to MLflow.
+
+    Keeping tracking out of the loops lets them run in plain torch (tests) or Ray workers alike.
+    """
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def metrics(self, step: int, **values: float) -> None:
+        clean = {k: float(v) for k, v in values.items()}
+        self._write({"step": step, "time": time.time(), "metrics": clean})
+
+    def artifact(self, step: int, path: str | Path) -> None:
+        self._write({"step": step, "time": time.time(), "artifact": str(path)})
+
+    def event(self, step: int, message: str) -> None:
+        self._write({"step": step, "time": time.time(), "event": message})
+
+
+def check_finite(loss: torch.Tensor, step: int, stage: str, last_ckpt: Path | None) -> None:
+    if not torch.isfinite(loss):
+        kept = f"; the last good checkpoint {last_ckpt} is kept" if last_ckpt else ""
+        raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {step}{kept}; "
+                                 "lower the learning rate or check the inputs")

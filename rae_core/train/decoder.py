@@ -1,0 +1,182 @@
+"""The train-decoder stage: the RAE decoder on noise-augmented latents of the frozen encoder,
+with L1 + LPIPS + an adaptively weighted GAN loss.
+
+The discriminator starts learning at gan.disc_start_step and the generator's GAN term joins at
+gan.gen_start_step; its weight lambda = ||grad L_rec|| / ||grad L_gan|| on the decoder's last
+layer is computed in fp32 outside autocast.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from rae_core.autoencoder import build_decoder_for, load_encoder
+from rae_core.config import Config, from_dict
+from rae_core.data.folder import ImageSource
+from rae_core.paths import Paths
+from rae_core.train.common import (
+    EMA,
+    MetricsLog,
+    atomic_save,
+    check_finite,
+    safe_load,
+    set_lr,
+    warmup_cosine,
+    write_json,
+)
+from rae_core.train.sampler import batch_indices, rank_slice, step_seed
+
+log = logging.getLogger(__name__)
+
+
+def _average_grads(module: torch.nn.Module, world: int) -> None:
+    if world > 1:
+        for p in module.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+
+
+def _quantise(x: torch.Tensor) -> torch.Tensor:
+    """Fakes as the discriminator would see saved images: clamped, 8-bit."""
+    return x.clamp(0, 1).mul(255).round().div(255)
+
+
+@torch.no_grad()
+def evaluate_reconstruction(encoder, decoder, images: torch.Tensor, batch: int = 256) -> dict:
+    from rae_core.metrics import psnr
+
+    decoder.eval()
+    recs = torch.cat([decoder(encoder.encode(images[i: i + batch])).clamp(0, 1)
+                      for i in range(0, len(images), batch)])
+    return {"val_psnr": float(psnr(recs, images)), "val_l1": float((recs - images).abs().mean())}
+
+
+def train_loop(config: dict) -> dict:
+    from rae_core.discriminator import build_discriminator
+    from rae_core.images import grid, save_png
+    from rae_core.losses import (
+        LPIPSLoss,
+        adaptive_gan_weight,
+        diff_augment,
+        generator_loss,
+        hinge_d_loss,
+    )
+    from rae_core.train.runner import worker_setup
+
+    cfg, paths, run_dir = from_dict(config["cfg"]), Paths.at(config["root"]), Path(config["run_dir"])
+    rank, world, device = worker_setup(cfg)
+    d, g = cfg.decoder, cfg.decoder.gan
+    torch.manual_seed(cfg.seed)
+    root = paths.dataset(cfg.data.root)
+    source = ImageSource(root, "train", cfg.data.resolution)
+    val = ImageSource(root, "val", cfg.data.resolution)
+    val_images = val.images[:512] if val.images is not None else \
+        torch.stack([val.dataset[i][0] for i in range(min(512, len(val)))])
+    encoder = load_encoder(cfg, paths, device)
+    decoder = build_decoder_for(cfg, encoder).to(device)
+    disc = build_discriminator(g.disc, weights=g.disc_weights).to(device)
+    lpips = LPIPSLoss(weights=d.lpips_weights).to(device) if d.lpips_weight > 0 else None
+    ema = EMA(decoder, d.ema)
+    opt = torch.optim.AdamW(decoder.parameters(), lr=d.lr, betas=tuple(d.betas),
+                            weight_decay=d.weight_decay)
+    disc_params = [p for p in disc.parameters() if p.requires_grad]
+    opt_d = torch.optim.AdamW(disc_params, lr=g.disc_lr, betas=tuple(d.betas), weight_decay=0.0)
+    metrics = MetricsLog(paths.metrics_log("train-decoder"), enabled=rank == 0)
+    ckpt_path, start = run_dir / "last.pt", 0
+    if ckpt_path.exists():
+        state = safe_load(ckpt_path)
+        decoder.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        disc.load_state_dict(state["disc"])
+        opt_d.load_state_dict(state["opt_d"])
+        start = state["step"]
+        log.info("train-decoder: resumed at step %d", start)
+        metrics.event(start, f"resumed at step {start}")
+    last_saved = ckpt_path if ckpt_path.exists() else None
+    for step in range(start, d.steps):
+        torch.manual_seed(step_seed(cfg.seed, step, rank))
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
+        idx = rank_slice(batch_indices(len(source), d.batch_size, cfg.seed, step), rank, world)
+        x, _ = source.get(idx, gen)
+        x = x.to(device)
+        with torch.no_grad():
+            z = encoder.encode(x)
+        decoder.train()
+        rec = decoder(z)
+        l1 = (rec - x).abs().mean()
+        lp = lpips(rec, x).mean() if lpips is not None else torch.zeros((), device=device)
+        rec_loss = l1 + d.lpips_weight * lp
+        gan_loss, lam = torch.zeros((), device=device), torch.zeros((), device=device)
+        if step >= g.gen_start_step and g.weight > 0:
+            fake = diff_augment(rec) if g.diffaug else rec
+            gan_loss = generator_loss(disc(fake))
+            lam = adaptive_gan_weight(rec_loss, gan_loss, decoder.last_layer_weight)
+        loss = rec_loss + g.weight * lam * gan_loss
+        check_finite(loss.detach(), step, "train-decoder", last_saved)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _average_grads(decoder, world)
+        lr = warmup_cosine(step, d.lr, d.min_lr, d.warmup_steps, d.steps)
+        set_lr(opt, lr)
+        opt.step()
+        ema.update(decoder)
+        d_loss = torch.zeros((), device=device)
+        if step >= g.disc_start_step:
+            real, fake = x, _quantise(rec.detach())
+            if g.diffaug:
+                real, fake = diff_augment(real), diff_augment(fake)
+            d_loss = hinge_d_loss(disc(real), disc(fake))
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            _average_grads(disc, world)
+            opt_d.step()
+        done = step + 1
+        if done % 10 == 0 or done == d.steps:
+            with torch.no_grad():
+                mse = ((rec.detach().clamp(0, 1) - x) ** 2).flatten(1).mean(1)
+                batch_psnr = (-10 * torch.log10(mse.clamp_min(1e-10))).mean()
+            metrics.metrics(done, l1=l1.item(), lpips=lp.item(), gan_loss=gan_loss.item(),
+                            gan_lambda=float(lam), disc_loss=d_loss.item(),
+                            psnr=batch_psnr.item(), lr=lr)
+        if rank == 0 and (done % d.ckpt_every == 0 or done == d.steps):
+            atomic_save({"model": decoder.state_dict(), "ema": ema.model.state_dict(),
+                         "opt": opt.state_dict(), "disc": disc.state_dict(),
+                         "opt_d": opt_d.state_dict(), "step": done,
+                         "fingerprint": config["fingerprint"]}, ckpt_path)
+            last_saved = ckpt_path
+        if rank == 0 and (done % d.eval_every == 0 or done == d.steps):
+            vx = val_images[:256].to(device)
+            ev = evaluate_reconstruction(encoder, ema.model, vx)
+            metrics.metrics(done, **ev)
+            with torch.no_grad():
+                shown = vx[:16]
+                recs = ema.model(encoder.encode(shown)).clamp(0, 1)
+            path = save_png(grid(torch.cat([shown, recs]), nrow=16),
+                            run_dir / f"reconstructions-step{done:07d}.png", upscale=2)
+            metrics.artifact(done, path)
+    summary: dict = {"steps": d.steps, "resumed_at": start}
+    if rank == 0:
+        summary.update(evaluate_reconstruction(encoder, ema.model, val_images.to(device)))
+        paths.decoder_dir.mkdir(parents=True, exist_ok=True)
+        atomic_save({"model": ema.model.state_dict(), "name": d.model,
+                     "latent_shape": list(encoder.latent_shape), "noise_tau": d.noise_tau},
+                    paths.decoder_dir / "decoder.pt")
+        write_json(paths.decoder_dir / "metrics.json", summary)
+    return summary
+
+
+def run(cfg: Config, paths: Paths) -> dict:
+    from rae_core.train.runner import fit
+
+    fp = cfg.fingerprint("data", "encoder", "decoder", "seed")
+    run_dir = paths.checkpoints / f"train-decoder-{fp}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = fit(f"train-decoder-{fp}", train_loop,
+                  {"cfg": cfg.to_dict(), "root": str(paths.root), "run_dir": str(run_dir),
+                   "fingerprint": fp}, cfg, paths.ray_storage)
+    summary["checkpoint_dir"] = str(run_dir)
+    return summary

@@ -1,0 +1,188 @@
+"""The train-dit stage: DiT / DiT-DH by flow matching on normalised RAE latents.
+
+Runs in Ray Train workers (data parallel). The global batch is split across workers and
+gradient-accumulation micro-batches; gradients are zeroed once per optimiser step, so an
+accumulated step equals the large-batch step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+
+from rae_core.autoencoder import load_decoder, load_encoder, load_stats, stats_identity
+from rae_core.config import Config, from_dict
+from rae_core.data.latents import OnlineSource, ShardSource
+from rae_core.paths import Paths
+from rae_core.train.common import (
+    EMA,
+    MetricsLog,
+    atomic_save,
+    check_finite,
+    safe_load,
+    set_lr,
+    warmup_constant_linear,
+)
+from rae_core.train.sampler import batch_indices, rank_slice, step_seed
+
+log = logging.getLogger(__name__)
+
+
+def latent_shift(cfg: Config, latent_shape: tuple[int, int, int]) -> float:
+    from rae_core.transport import shift_factor
+
+    if cfg.dit.shift is not None:
+        return cfg.dit.shift
+    c, h, w = latent_shape
+    return shift_factor(h * w, c, cfg.dit.shift_base)
+
+
+def build_dit(cfg: Config, latent_shape: tuple[int, int, int]) -> torch.nn.Module:
+    from rae_core.models import build_model
+
+    c, h, _ = latent_shape
+    return build_model(cfg.dit.model, in_channels=c, grid_size=h,
+                       num_classes=cfg.data.num_classes, label_dropout=cfg.dit.label_dropout)
+
+
+def make_source(cfg: Config, paths: Paths, encoder, stats, device):
+    if cfg.dit.latents == "shards":
+        return ShardSource(paths.latents_dir, stats, stats_identity(cfg, encoder))
+    from rae_core.data.folder import ImageFolderDataset
+
+    ds = ImageFolderDataset(paths.dataset(cfg.data.root), "train", cfg.data.resolution)
+    return OnlineSource(ds, encoder, stats, device)
+
+
+def train_loop(config: dict) -> dict:
+    """One Ray Train worker's loop; rank 0 checkpoints, logs and writes the EMA model."""
+    from rae_core.train.runner import worker_setup
+    from rae_core.transport import Transport
+
+    cfg, paths, run_dir = from_dict(config["cfg"]), Paths.at(config["root"]), Path(config["run_dir"])
+    rank, world, device = worker_setup(cfg)
+    d = cfg.dit
+    torch.manual_seed(cfg.seed)
+    encoder = load_encoder(cfg, paths, device)
+    stats = load_stats(cfg, paths, encoder)
+    source = make_source(cfg, paths, encoder, stats, device)
+    latent_shape = tuple(encoder.latent_shape)
+    model = build_dit(cfg, latent_shape).to(device)
+    ema = EMA(model, d.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=d.lr, betas=tuple(d.betas),
+                            weight_decay=d.weight_decay)
+    metrics = MetricsLog(paths.metrics_log("train-dit"), enabled=rank == 0)
+    ckpt_path = run_dir / "last.pt"
+    start = 0
+    if ckpt_path.exists():
+        state = safe_load(ckpt_path)
+        model.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        log.info("train-dit: resumed at step %d from %s", start, ckpt_path)
+        metrics.event(start, f"resumed at step {start}")
+    shift = latent_shift(cfg, latent_shape)
+    transport = Transport(time_dist=d.time_dist, shift=shift)
+    net = model
+    if world > 1:
+        import ray.train.torch
+
+        net = ray.train.torch.prepare_model(model, move_to_device=False)
+    if d.compile and device.type == "cuda":
+        net = torch.compile(net)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=d.precision == "bf16")
+    micro = d.batch_size // world // d.grad_accum
+    decoder = _optional_decoder(cfg, paths, encoder, device) if rank == 0 else None
+    last_saved = ckpt_path if ckpt_path.exists() else None
+    loss_sum = torch.zeros((), device=device)
+    for step in range(start, d.steps):
+        torch.manual_seed(step_seed(cfg.seed, step, rank))
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
+        idx = rank_slice(batch_indices(len(source), d.batch_size, cfg.seed, step), rank, world)
+        x, y = source.get(idx, gen)
+        x, y = x.to(device), y.to(device)
+        opt.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=device)
+        for k in range(d.grad_accum):
+            sl = slice(k * micro, (k + 1) * micro)
+            sync = k == d.grad_accum - 1 or world == 1
+            with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
+                loss = transport.loss(net, x[sl], y[sl]) / d.grad_accum
+            loss.backward()
+            step_loss += loss.detach()
+        check_finite(step_loss, step, "train-dit", last_saved)
+        clip = d.grad_clip if d.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        lr = warmup_constant_linear(step, d.lr, d.min_lr, d.warmup_steps, d.decay_start_step,
+                                    d.steps)
+        set_lr(opt, lr)
+        opt.step()
+        ema.update(model)
+        if world > 1:
+            torch.distributed.all_reduce(step_loss, op=torch.distributed.ReduceOp.AVG)
+        loss_sum += step_loss
+        done = step + 1
+        if done % 10 == 0 or done == d.steps:
+            metrics.metrics(done, loss=step_loss.item(), lr=lr, grad_norm=float(grad_norm))
+        if rank == 0 and (done % d.ckpt_every == 0 or done == d.steps):
+            atomic_save({"model": model.state_dict(), "ema": ema.model.state_dict(),
+                         "opt": opt.state_dict(), "step": done,
+                         "fingerprint": config["fingerprint"]}, ckpt_path)
+            atomic_save({"model": ema.model.state_dict(), "step": done,
+                         "name": d.model, "latent_shape": list(latent_shape)},
+                        run_dir / f"ema-step{done:07d}.pt")
+            last_saved = ckpt_path
+        if decoder is not None and (done % d.sample_every == 0 or done == d.steps):
+            path = _sample_grid(cfg, ema.model, decoder, stats, latent_shape, shift, done,
+                                run_dir)
+            metrics.artifact(done, path)
+    summary = {"steps": d.steps, "resumed_at": start, "shift": shift,
+               "final_loss": float(step_loss), "params": sum(p.numel() for p in model.parameters())}
+    if rank == 0:
+        paths.dit_dir.mkdir(parents=True, exist_ok=True)
+        atomic_save({"model": ema.model.state_dict(), "step": d.steps, "name": d.model,
+                     "latent_shape": list(latent_shape), "shift": shift}, paths.dit_dir / "ema.pt")
+    return summary
+
+
+def _optional_decoder(cfg, paths, encoder, device):
+    """The RAE decoder for preview grids, when train-decoder has already produced one."""
+    if not (paths.decoder_dir / "decoder.pt").exists():
+        return None
+    return load_decoder(cfg, paths, encoder, device)
+
+
+@torch.no_grad()
+def _sample_grid(cfg, model, decoder, stats, latent_shape, shift, step, run_dir) -> Path:
+    from rae_core.images import grid, save_png
+    from rae_core.sampling import balanced_labels, generate
+
+    n_cls = min(cfg.data.num_classes, 10)
+    y = balanced_labels(4, n_cls)
+    g = torch.Generator().manual_seed(cfg.seed + 17)
+    device = next(model.parameters()).device
+    z = generate(model, y.to(device), latent_shape, steps=cfg.sample.steps,
+                 method=cfg.sample.sampler, shift=shift, guidance="none", scale=1.0,
+                 interval=tuple(cfg.sample.interval), generator=g)
+    images = decoder(stats.denormalize(z)).clamp(0, 1)
+    order = torch.arange(len(y)).view(n_cls, 4).t().reshape(-1)  # one row per draw, class cols
+    return save_png(grid(images[order], nrow=n_cls), run_dir / f"samples-step{step:07d}.png",
+                    upscale=2)
+
+
+def run(cfg: Config, paths: Paths) -> dict:
+    """The stage: fit on Ray, keyed by the configuration so a re-run resumes."""
+    from rae_core.train.runner import fit
+
+    fp = cfg.fingerprint("data", "encoder", "dit", "seed")
+    run_dir = paths.checkpoints / f"train-dit-{fp}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loop_cfg = {"cfg": cfg.to_dict(), "root": str(paths.root), "run_dir": str(run_dir),
+                "fingerprint": fp}
+    summary = fit(f"train-dit-{fp}", train_loop, loop_cfg, cfg, paths.ray_storage)
+    summary["checkpoint_dir"] = str(run_dir)
+    return summary

@@ -1,0 +1,96 @@
+"""The pretrain-encoder stage: a small MAE pretrained on the training images (75% masking),
+for machines without pretrained encoder weights. Its frozen encoder then defines the latents."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from rae_core.config import Config, from_dict
+from rae_core.data.folder import ImageSource
+from rae_core.paths import Paths
+from rae_core.train.common import (
+    MetricsLog,
+    atomic_save,
+    check_finite,
+    safe_load,
+    set_lr,
+    warmup_cosine,
+)
+from rae_core.train.sampler import batch_indices, rank_slice, step_seed
+
+log = logging.getLogger(__name__)
+
+
+def train_loop(config: dict) -> dict:
+    from rae_core.encoders import build_encoder
+    from rae_core.train.runner import worker_setup
+
+    cfg, paths, run_dir = from_dict(config["cfg"]), Paths.at(config["root"]), Path(config["run_dir"])
+    rank, world, device = worker_setup(cfg)
+    p = cfg.encoder.pretrain
+    torch.manual_seed(cfg.seed)
+    source = ImageSource(paths.dataset(cfg.data.root), "train", cfg.data.resolution)
+    mae = build_encoder(cfg.encoder.name, cfg.data.resolution, random_init=True).to(device)
+    mae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(mae.parameters(), lr=p.lr, betas=(0.9, 0.95),
+                            weight_decay=p.weight_decay)
+    metrics = MetricsLog(paths.metrics_log("pretrain-encoder"), enabled=rank == 0)
+    ckpt_path, start = run_dir / "last.pt", 0
+    if ckpt_path.exists():
+        state = safe_load(ckpt_path)
+        mae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        log.info("pretrain-encoder: resumed at step %d", start)
+        metrics.event(start, f"resumed at step {start}")
+    loss = torch.zeros(())
+    for step in range(start, p.steps):
+        torch.manual_seed(step_seed(cfg.seed, step, rank))
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
+        idx = rank_slice(batch_indices(len(source), p.batch_size, cfg.seed, step), rank, world)
+        x, _ = source.get(idx, gen)
+        loss = mae.mae_loss(x.to(device), mask_ratio=p.mask_ratio)
+        check_finite(loss.detach(), step, "pretrain-encoder", ckpt_path if start else None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            # Same initial weights on every rank (same seed); average gradients by hand.
+            for prm in mae.parameters():
+                if prm.grad is not None:
+                    torch.distributed.all_reduce(prm.grad, op=torch.distributed.ReduceOp.AVG)
+        lr = warmup_cosine(step, p.lr, p.lr * 0.1, p.warmup_steps, p.steps)
+        set_lr(opt, lr)
+        opt.step()
+        done = step + 1
+        if done % 10 == 0 or done == p.steps:
+            metrics.metrics(done, mae_loss=loss.item(), lr=lr)
+        if rank == 0 and (done % p.ckpt_every == 0 or done == p.steps):
+            atomic_save({"model": mae.state_dict(), "opt": opt.state_dict(), "step": done,
+                         "fingerprint": config["fingerprint"]}, ckpt_path)
+    if rank == 0:
+        atomic_save(mae.state_dict(), paths.encoder_dir / "encoder.pt")
+    return {"steps": p.steps, "resumed_at": start, "final_mae_loss": float(loss)}
+
+
+def run(cfg: Config, paths: Paths) -> dict:
+    from rae_core.autoencoder import needs_pretraining
+    from rae_core.train.common import write_json
+    from rae_core.train.runner import fit
+
+    paths.encoder_dir.mkdir(parents=True, exist_ok=True)
+    if not needs_pretraining(cfg):
+        info = {"skipped": True, "reason": f"encoder {cfg.encoder.name} uses pretrained weights "
+                f"({cfg.encoder.weights or 'local hub cache'})"}
+        write_json(paths.encoder_dir / "summary.json", info)
+        return info
+    fp = cfg.fingerprint("data", "encoder", "seed")
+    run_dir = paths.checkpoints / f"pretrain-encoder-{fp}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = fit(f"pretrain-encoder-{fp}", train_loop,
+                  {"cfg": cfg.to_dict(), "root": str(paths.root), "run_dir": str(run_dir),
+                   "fingerprint": fp}, cfg, paths.ray_storage)
+    write_json(paths.encoder_dir / "summary.json", summary)
+    return summary
