@@ -106,6 +106,9 @@ class DecoderConfig:
 @dataclass
 class DiTConfig:
     model: str = "DiTDH-tiny"
+    hidden: int | None = _f(None, 1)  # overrides of the registered config (ablations)
+    depth: int | None = _f(None, 1)
+    heads: int | None = _f(None, 1)
     steps: int = _f(2000, 1)
     batch_size: int = _f(128, 1)  # global batch, split across workers and accumulation steps
     grad_accum: int = _f(1, 1)
@@ -164,6 +167,12 @@ class TrackingConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    nightly: str = "0 3 * * *"  # cron of the `smoke` reproducibility run
+    weekly: str = "0 4 * * 0"  # cron of the `tiny` reproducibility run
+
+
+@dataclass
 class Config:
     preset: str = "tiny"
     seed: int = _f(0, 0)
@@ -177,6 +186,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

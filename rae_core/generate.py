@@ -28,7 +28,7 @@ def load_generator(path: Path, latent_shape, num_classes: int) -> torch.nn.Modul
     state = safe_load(path)
     c, h, _ = latent_shape
     model = build_model(state["name"], in_channels=c, grid_size=h, num_classes=num_classes,
-                        allow_narrow=True)
+                        allow_narrow=True, **state.get("overrides", {}))
     model.load_state_dict(state["model"])
     return model.eval()
 

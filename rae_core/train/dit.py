@@ -45,7 +45,15 @@ def build_dit(cfg: Config, latent_shape: tuple[int, int, int]) -> torch.nn.Modul
 
     c, h, _ = latent_shape
     return build_model(cfg.dit.model, in_channels=c, grid_size=h,
-                       num_classes=cfg.data.num_classes, label_dropout=cfg.dit.label_dropout)
+                       num_classes=cfg.data.num_classes, label_dropout=cfg.dit.label_dropout,
+                       **dit_overrides(cfg))
+
+
+def dit_overrides(cfg: Config) -> dict:
+    """The registered config's width/depth/heads replaced where params set them."""
+    d = cfg.dit
+    return {k: v for k, v in (("hidden", d.hidden), ("depth", d.depth), ("heads", d.heads))
+            if v is not None}
 
 
 def make_source(cfg: Config, paths: Paths, encoder, stats, device):
@@ -132,8 +140,8 @@ def train_loop(config: dict) -> dict:
             atomic_save({"model": model.state_dict(), "ema": ema.model.state_dict(),
                          "opt": opt.state_dict(), "step": done,
                          "fingerprint": config["fingerprint"]}, ckpt_path)
-            atomic_save({"model": ema.model.state_dict(), "step": done,
-                         "name": d.model, "latent_shape": list(latent_shape)},
+            atomic_save({"model": ema.model.state_dict(), "step": done, "name": d.model,
+                         "overrides": dit_overrides(cfg), "latent_shape": list(latent_shape)},
                         run_dir / f"ema-step{done:07d}.pt")
             last_saved = ckpt_path
         if decoder is not None and (done % d.sample_every == 0 or done == d.steps):
@@ -145,7 +153,7 @@ def train_loop(config: dict) -> dict:
     if rank == 0:
         paths.dit_dir.mkdir(parents=True, exist_ok=True)
         atomic_save({"model": ema.model.state_dict(), "step": d.steps, "name": d.model,
-                     "latent_shape": list(latent_shape), "shift": shift}, paths.dit_dir / "ema.pt")
+                     "overrides": dit_overrides(cfg), "latent_shape": list(latent_shape), "shift": shift}, paths.dit_dir / "ema.pt")
     return summary
 
 

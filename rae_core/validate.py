@@ -1,0 +1,50 @@
+"""Checks of the names in a configuration against the registries, at config time."""
+
+from __future__ import annotations
+
+import difflib
+
+from rae_core.config import Config
+from rae_core.errors import ConfigError
+
+
+def _known(key: str, value: str, names: list[str]) -> None:
+    if value not in names:
+        close = difflib.get_close_matches(value, names, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"{key}: {value!r} is not registered{hint} "
+                          f"(valid: {', '.join(names)})")
+
+
+def check_registries(cfg: Config) -> None:
+    """Encoder, decoder and DiT names exist, and the DiT is at least as wide as the latent."""
+    from rae_core.decoder import DECODERS
+    from rae_core.encoders import ENCODERS, latent_channels
+    from rae_core.models import MODELS, check_width
+
+    _known("encoder.name", cfg.encoder.name, list(ENCODERS))
+    _known("decoder.model", cfg.decoder.model, list(DECODERS))
+    _known("dit.model", cfg.dit.model, list(MODELS))
+    try:
+        check_width(cfg.dit.model, latent_channels(cfg.encoder.name), hidden=cfg.dit.hidden)
+    except ValueError as e:
+        raise ConfigError(f"dit.model: {e}") from None
+
+
+def model_table() -> str:
+    """Every registered generator and decoder with its parameter count (meta device)."""
+    from rae_core.decoder import DECODERS, decoder_param_count
+    from rae_core.models import MODELS, count_params
+
+    lines = [f"{'model':<14}{'params':>10}  latent", "-" * 40]
+    for name in MODELS:
+        small = "tiny" in name or "micro" in name
+        c, g, k = (64, 4, 10) if small else (768, 16, 1000)
+        lines.append(f"{name:<14}{count_params(name, c, g, k) / 1e6:>9.1f}M  {c}x{g}x{g}, "
+                     f"{k} classes")
+    for name in DECODERS:
+        small = "tiny" in name or "micro" in name
+        c, g, p = (64, 4, 8) if small else (768, 16, 16)
+        lines.append(f"{name:<14}{decoder_param_count(name, c, g, p) / 1e6:>9.1f}M  "
+                     f"decoder {c}x{g}x{g} -> {g * p} px")
+    return "\n".join(lines)
