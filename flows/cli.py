@@ -58,6 +58,7 @@ def _load(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAE_T0", str(time.time()))
     args = parser().parse_args(argv)
     root = Path.cwd()
     from flows.env import configure

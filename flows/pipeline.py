@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -89,17 +90,20 @@ def _after_stage(name: str, cfg: Config, paths: Paths, run_id: str, out: dict) -
 
 def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None) -> dict:
     """One stage inside its MLflow run; a failure marks the run FAILED with the one-line reason."""
+    t_track = time.time()
     run_id = tracking.start_run(cfg, paths.root, name, parent, tags={"rae.stage": name})
     t0 = time.time()
     try:
         with tracking.MetricsForwarder(run_id, paths.metrics_log(name)) as fwd:
             out = STAGES[name](cfg, paths)
+        t1 = time.time()
         out = dict(out or {})
-        out["wall_s"] = time.time() - t0
+        out["wall_s"] = t1 - t0
         if fwd.first_time is not None:
             out["startup_s"] = fwd.first_time - t0
         tracking.log_numbers(run_id, out, prefix="stage.")
         _after_stage(name, cfg, paths, run_id, out)
+        out["tracking_s"] = (t0 - t_track) + (time.time() - t1)
     except BaseException as e:
         tracking.end_run(run_id, "FAILED", one_line(e))
         raise
@@ -140,9 +144,13 @@ def pipeline_flow(cfg_dict: dict, root: str, until: str | None = None) -> dict:
     except BaseException as e:
         tracking.end_run(parent, "FAILED", one_line(e))
         raise
-    startup = sum(o.get("startup_s", 0.0) for o in outputs.values())
-    tracking.log_numbers(parent, {"wall_s": time.time() - t0, "ray_startup_s": startup},
-                         prefix="pipeline.")
+    totals = {"wall_s": time.time() - t0,
+              "ray_startup_s": sum(o.get("startup_s", 0.0) for o in outputs.values()),
+              "tracking_s": sum(o.get("tracking_s", 0.0) for o in outputs.values())}
+    if os.environ.get("RAE_T0"):
+        totals["prefect_startup_s"] = t0 - float(os.environ["RAE_T0"])
+    tracking.log_numbers(parent, totals, prefix="pipeline.")
+    log.info("pipeline timings: %s", {k: round(v, 1) for k, v in totals.items()})
     tracking.end_run(parent)
     return outputs
 
