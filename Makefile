@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test lint bench clean
 

@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     configure(root)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return _dispatch(args, root)
     except ConfigError as e:

@@ -9,6 +9,9 @@ from pathlib import Path
 def configure(root: Path) -> None:
     """Project-local state and telemetry off; anything already set in the environment wins."""
     defaults = {
+        # OpenMP threads that spin while waiting starve each other (and Ray, Prefect, MLflow)
+        # on a small machine: elementwise ops ran 100x slower on 2 busy cores.
+        "OMP_WAIT_POLICY": "PASSIVE",
         "PREFECT_HOME": str(root / ".prefect"),
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

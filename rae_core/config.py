@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -130,6 +131,11 @@ class DiTConfig:
     sample_every: int = _f(1000, 1)
     ckpt_every: int = _f(250, 1)
 
+    def overrides(self) -> dict[str, int]:
+        """The registered model config's width/depth/heads replaced where params set them."""
+        pairs = (("hidden", self.hidden), ("depth", self.depth), ("heads", self.heads))
+        return {k: v for k, v in pairs if v is not None}
+
 
 @dataclass
 class SampleConfig:
@@ -213,6 +219,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
@@ -252,6 +261,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-4` as a string
     elif tp is str:
         if isinstance(value, str):
             return value

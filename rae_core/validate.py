@@ -16,17 +16,28 @@ def _known(key: str, value: str, names: list[str]) -> None:
                           f"(valid: {', '.join(names)})")
 
 
+def latent_channels(cfg: Config) -> int:
+    """The encoder's latent width, from an untrained instance (no weights are read)."""
+    import torch
+
+    from rae_core.encoders import build_encoder
+
+    with torch.device("meta"):
+        enc = build_encoder(cfg.encoder.name, cfg.data.resolution, random_init=True)
+    return enc.latent_shape[0]
+
+
 def check_registries(cfg: Config) -> None:
     """Encoder, decoder and DiT names exist, and the DiT is at least as wide as the latent."""
     from rae_core.decoder import DECODERS
-    from rae_core.encoders import ENCODERS, latent_channels
+    from rae_core.encoders import ENCODERS
     from rae_core.models import MODELS, check_width
 
     _known("encoder.name", cfg.encoder.name, list(ENCODERS))
     _known("decoder.model", cfg.decoder.model, list(DECODERS))
     _known("dit.model", cfg.dit.model, list(MODELS))
     try:
-        check_width(cfg.dit.model, latent_channels(cfg.encoder.name), hidden=cfg.dit.hidden)
+        check_width(cfg.dit.model, latent_channels(cfg), **cfg.dit.overrides())
     except ValueError as e:
         raise ConfigError(f"dit.model: {e}") from None
 

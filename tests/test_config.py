@@ -99,8 +99,8 @@ def test_cli_rejects_a_typo_fast_with_exit_code_2(tmp_path):
 
 
 def test_cli_refuses_a_dit_narrower_than_the_latent(tmp_path):
-    res = _rae("stage", "train-dit", "--preset", "smoke", "--set", "dit.hidden=16",
-               cwd=tmp_path)
+    res = _rae("stage", "train-dit", "--preset", "smoke", "--set", "dit.model=DiT-micro",
+               "--set", "dit.hidden=16", cwd=tmp_path)
     assert res.returncode == 2
     assert "width" in res.stderr and "dit.model" in res.stderr
 

@@ -89,7 +89,7 @@ def test_mlflow_has_a_run_per_stage_with_metrics_and_models(project):
     client = mlflow.tracking.MlflowClient()
     dit_run = by_stage["train-dit"].info.run_id
     losses = client.get_metric_history(dit_run, "loss")
-    assert len(losses) >= 3 and all(l.value == l.value for l in losses)
+    assert len(losses) >= 3 and all(m.value == m.value for m in losses)
     assert by_stage["train-dit"].data.params["dit.model"] == "DiTDH-micro"
     dec_hist = client.get_metric_history(by_stage["train-decoder"].info.run_id, "l1")
     assert len(dec_hist) >= 2

@@ -46,14 +46,7 @@ def build_dit(cfg: Config, latent_shape: tuple[int, int, int]) -> torch.nn.Modul
     c, h, _ = latent_shape
     return build_model(cfg.dit.model, in_channels=c, grid_size=h,
                        num_classes=cfg.data.num_classes, label_dropout=cfg.dit.label_dropout,
-                       **dit_overrides(cfg))
-
-
-def dit_overrides(cfg: Config) -> dict:
-    """The registered config's width/depth/heads replaced where params set them."""
-    d = cfg.dit
-    return {k: v for k, v in (("hidden", d.hidden), ("depth", d.depth), ("heads", d.heads))
-            if v is not None}
+                       **cfg.dit.overrides())
 
 
 def make_source(cfg: Config, paths: Paths, encoder, stats, device):
@@ -141,7 +134,7 @@ def train_loop(config: dict) -> dict:
                          "opt": opt.state_dict(), "step": done,
                          "fingerprint": config["fingerprint"]}, ckpt_path)
             atomic_save({"model": ema.model.state_dict(), "step": done, "name": d.model,
-                         "overrides": dit_overrides(cfg), "latent_shape": list(latent_shape)},
+                         "overrides": cfg.dit.overrides(), "latent_shape": list(latent_shape)},
                         run_dir / f"ema-step{done:07d}.pt")
             last_saved = ckpt_path
         if decoder is not None and (done % d.sample_every == 0 or done == d.steps):
@@ -153,7 +146,7 @@ def train_loop(config: dict) -> dict:
     if rank == 0:
         paths.dit_dir.mkdir(parents=True, exist_ok=True)
         atomic_save({"model": ema.model.state_dict(), "step": d.steps, "name": d.model,
-                     "overrides": dit_overrides(cfg), "latent_shape": list(latent_shape), "shift": shift}, paths.dit_dir / "ema.pt")
+                     "overrides": cfg.dit.overrides(), "latent_shape": list(latent_shape), "shift": shift}, paths.dit_dir / "ema.pt")
     return summary
 
 

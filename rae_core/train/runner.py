@@ -24,7 +24,8 @@ def ensure_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False,
+                 runtime_env={"env_vars": _worker_env()})
         have = ray.cluster_resources().get("CPU", 0)
         if have < need:
             raise ConfigError(f"ray.num_workers x ray.cpus_per_worker = {need} CPUs but the "
@@ -33,7 +34,14 @@ def ensure_ray(cfg: Config) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # A local instance may oversubscribe: 2 workers x 2 threads on 2 cores is still correct.
         ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+                 log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": _worker_env()})
+
+
+def _worker_env() -> dict[str, str]:
+    """Settings Ray workers must see before they import torch."""
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
 
 
 def fit(name: str, loop: Callable[[dict], Any], loop_config: dict, cfg: Config,
@@ -86,6 +94,7 @@ def _single_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
 def worker_setup(cfg: Config) -> tuple[int, int, Any]:
     """(rank, world size, device) inside a Ray Train worker, with torch threads pinned."""
     import ray.train
+    import ray.train.torch
     import torch
 
     torch.set_num_threads(cfg.ray.cpus_per_worker)
