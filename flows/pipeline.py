@@ -78,6 +78,9 @@ def _after_stage(name: str, cfg: Config, paths: Paths, run_id: str, out: dict) -
         for k, v in tags.items():
             c.set_tag(run_id, k, v)
         c.log_artifact(run_id, str(paths.evaluate_dir / "metrics.json"))
+        for extra in ("fid_vs_step.png", "fid_curve.json"):
+            if (paths.evaluate_dir / extra).exists():
+                c.log_artifact(run_id, str(paths.evaluate_dir / extra), artifact_path="images")
         grid = paths.samples_dir / "grid.png"
         if grid.exists():
             c.log_artifact(run_id, str(grid), artifact_path="images")
@@ -101,7 +104,8 @@ def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None) -> dict:
         out["wall_s"] = t1 - t0
         if fwd.first_time is not None:
             out["startup_s"] = fwd.first_time - t0
-        tracking.log_numbers(run_id, out, prefix="stage.")
+        # Evaluation metrics keep their plain names: the leaderboard sorts on `fid`.
+        tracking.log_numbers(run_id, out, prefix="" if name == "evaluate" else "stage.")
         _after_stage(name, cfg, paths, run_id, out)
         out["tracking_s"] = (t0 - t_track) + (time.time() - t1)
     except BaseException as e:

@@ -42,7 +42,7 @@ class DataConfig:
 class PretrainConfig:
     """MAE pretraining of the small encoder (only for encoders the platform pretrains itself)."""
 
-    steps: int = _f(1200, 1)
+    steps: int = _f(800, 1)
     batch_size: int = _f(128, 1)
     lr: float = _f(1.5e-3, 0.0, lo_open=True)
     weight_decay: float = _f(0.05, 0.0)
@@ -77,8 +77,8 @@ class GanConfig:
     disc: Literal["small", "dino"] = "small"
     disc_weights: str | None = None  # local DINO ViT-S/8 weights for disc = dino
     weight: float = _f(0.75, 0.0)
-    disc_start_step: int = _f(600, 0)
-    gen_start_step: int = _f(800, 0)
+    disc_start_step: int = _f(400, 0)
+    gen_start_step: int = _f(500, 0)
     disc_lr: float = _f(2e-4, 0.0, lo_open=True)
     diffaug: bool = True
 
@@ -89,14 +89,14 @@ class DecoderConfig:
     patch_size: int = _f(8, 1)
     noise_tau: float = _f(0.8, 0.0)
     noise_law: Literal["paper", "reference"] = "paper"
-    steps: int = _f(1200, 1)
-    batch_size: int = _f(128, 1)
+    steps: int = _f(800, 1)
+    batch_size: int = _f(64, 1)
     lr: float = _f(1e-3, 0.0, lo_open=True)
     min_lr: float = _f(1e-4, 0.0)
-    warmup_steps: int = _f(60, 0)
+    warmup_steps: int = _f(40, 0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = _f(0.0, 0.0)
-    ema: float = _f(0.999, 0.0, 1.0)
+    ema: float = _f(0.99, 0.0, 1.0)
     lpips_weight: float = _f(0.0, 0.0)  # no VGG weights offline: L1 + GAN in the embedded default
     lpips_weights: str | None = None  # local torchvision vgg16 state dict for LPIPS
     gan: GanConfig = field(default_factory=GanConfig)
@@ -110,13 +110,13 @@ class DiTConfig:
     hidden: int | None = _f(None, 1)  # overrides of the registered config (ablations)
     depth: int | None = _f(None, 1)
     heads: int | None = _f(None, 1)
-    steps: int = _f(2000, 1)
+    steps: int = _f(1500, 1)
     batch_size: int = _f(128, 1)  # global batch, split across workers and accumulation steps
     grad_accum: int = _f(1, 1)
     lr: float = _f(1e-3, 0.0, lo_open=True)
     min_lr: float = _f(1e-4, 0.0)
     warmup_steps: int = _f(100, 0)
-    decay_start_step: int = _f(1000, 0)  # constant lr until here, then linear decay to min_lr
+    decay_start_step: int = _f(750, 0)  # constant lr until here, then linear decay to min_lr
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = _f(0.0, 0.0)
     ema: float = _f(0.995, 0.0, 1.0)
@@ -128,7 +128,7 @@ class DiTConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     latents: Literal["shards", "online"] = "shards"
-    sample_every: int = _f(1000, 1)
+    sample_every: int = _f(750, 1)
     ckpt_every: int = _f(250, 1)
 
     def overrides(self) -> dict[str, int]:
@@ -157,6 +157,7 @@ class EvaluateConfig:
     inception_weights: str | None = None  # local inception-2015-12-05.pt for extractor = inception
     classifier_epochs: int = _f(15, 1)
     pr_k: int = _f(3, 1)
+    curve_per_class: int = _f(10, 0)  # samples per class for FID at each checkpoint; 0 = off
     batch_size: int = _f(250, 1)
 
 

@@ -21,7 +21,7 @@ from rae_core.errors import ConfigError
 class SmallDiscriminator(nn.Module):
     """Three stride-2 convs and a 3x3 logit conv: one logit per (R/8 x R/8) patch."""
 
-    def __init__(self, channels: tuple[int, ...] = (64, 128, 256)) -> None:
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128)) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3

@@ -50,12 +50,14 @@ def _shard(cfg_dict: dict, root: str, index: int, labels: list[int], path: str) 
         if s.guidance == "autoguidance" else None
     g = torch.Generator().manual_seed(s.seed * 1_000_003 + index)
     y = torch.tensor(labels, dtype=torch.long)
+    noise = torch.randn((len(y), *shape), generator=g)  # the shard's noise, whatever the batch
     images = []
     with torch.no_grad():
         for i in range(0, len(y), s.batch_size):
-            z = generate(model, y[i: i + s.batch_size], shape, steps=s.steps, method=s.sampler,
+            sl = slice(i, i + s.batch_size)
+            z = generate(model, y[sl], shape, steps=s.steps, method=s.sampler,
                          shift=latent_shift(cfg, shape), guidance=s.guidance, scale=s.scale,
-                         interval=tuple(s.interval), weak_model=weak, generator=g)
+                         interval=tuple(s.interval), weak_model=weak, noise=noise[sl])
             images.append(to_uint8(decoder(stats.denormalize(z))))
     arr = np.concatenate(images)
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.npz")

@@ -29,7 +29,7 @@ SMOKE = {
     "dit": {"model": "DiTDH-micro", "steps": 60, "batch_size": 64, "grad_accum": 2,
             "warmup_steps": 5, "decay_start_step": 30, "sample_every": 30, "ckpt_every": 20},
     "sample": {"num_per_class": 8, "steps": 10, "batch_size": 80, "shard_size": 40},
-    "evaluate": {"classifier_epochs": 2},
+    "evaluate": {"classifier_epochs": 6},
 }
 
 TINY: dict = {"preset": "tiny"}
@@ -62,7 +62,7 @@ def _imagenet(resolution: int, dit_epochs: int, ag_scale: float, ag_epochs: int)
                    "guidance": "autoguidance", "scale": ag_scale,
                    "weak_model": f"models/autoguidance/DiTDH-S-{resolution}px-ep{ag_epochs}.pt",
                    "batch_size": 125, "shard_size": 1000},
-        "evaluate": {"extractor": "inception"},
+        "evaluate": {"extractor": "inception", "curve_per_class": 0},
         "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},
     }
 

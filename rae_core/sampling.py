@@ -101,12 +101,13 @@ def generate(model: nn.Module, y: torch.Tensor, latent_shape: Sequence[int], ste
              method: Literal["euler", "heun"] = "euler", shift: float = 1.0,
              guidance: Literal["none", "cfg", "autoguidance"] = "none", scale: float = 1.0,
              interval: Sequence[float] = (0.0, 1.0), weak_model: nn.Module | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
     """Latents (B, C, H, W) for labels y (B,), on the model's device.
 
     Models run in eval mode (no label dropout) and are put back in their previous mode.
     Noise is drawn on the generator's device, so a CPU generator gives the same samples on
-    any device.
+    any device; or it is given (drawn once per shard, so batching does not change it).
     """
     device = next(model.parameters()).device
     y = y.to(device)
@@ -120,9 +121,11 @@ def generate(model: nn.Module, y: torch.Tensor, latent_shape: Sequence[int], ste
         velocity = autoguidance_velocity(model, weak_model, y, scale)
     else:
         raise ValueError(f"guidance {guidance!r} is not one of none, cfg, autoguidance")
-    shape = (y.shape[0], *latent_shape)
-    gen_device = generator.device if generator is not None else device
-    noise = torch.randn(shape, generator=generator, device=gen_device).to(device)
+    if noise is None:
+        shape = (y.shape[0], *latent_shape)
+        gen_device = generator.device if generator is not None else device
+        noise = torch.randn(shape, generator=generator, device=gen_device)
+    noise = noise.to(device)
     models = [m for m in (model, weak_model) if m is not None]
     modes = [m.training for m in models]
     try:

@@ -67,9 +67,15 @@ class Transport:
         return noise - x
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Plain MSE between model(x_t, t, y) and the velocity, averaged over all dims."""
-        noise = _randn(tuple(x.shape), x.device, generator).to(x.dtype)
-        t = self.sample_time(x.shape[0], x.device, generator)
+             generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+             t: torch.Tensor | None = None) -> torch.Tensor:
+        """Plain MSE between model(x_t, t, y) and the velocity, averaged over all dims.
+
+        `noise` and `t` may be drawn by the caller (for the whole batch before it is split
+        into accumulation micro-batches, so that accumulation does not change the draws)."""
+        if noise is None:
+            noise = _randn(tuple(x.shape), x.device, generator).to(x.dtype)
+        if t is None:
+            t = self.sample_time(x.shape[0], x.device, generator)
         pred = model(self.interpolate(x, noise, t), t, y)
         return (pred.float() - self.target(x, noise).float()).pow(2).mean()

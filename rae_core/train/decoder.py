@@ -73,8 +73,9 @@ def train_loop(config: dict) -> dict:
     root = paths.dataset(cfg.data.root)
     source = ImageSource(root, "train", cfg.data.resolution)
     val = ImageSource(root, "val", cfg.data.resolution)
-    val_images = val.images[:512] if val.images is not None else \
-        torch.stack([val.dataset[i][0] for i in range(min(512, len(val)))])
+    pick = torch.linspace(0, len(val) - 1, min(512, len(val))).long()  # spread over classes
+    val_images = val.images[pick] if val.images is not None else \
+        torch.stack([val.dataset[int(i)][0] for i in pick])
     encoder = load_encoder(cfg, paths, device)
     decoder = build_decoder_for(cfg, encoder).to(device)
     disc = build_discriminator(g.disc, weights=g.disc_weights).to(device)
@@ -153,7 +154,7 @@ def train_loop(config: dict) -> dict:
             ev = evaluate_reconstruction(encoder, ema.model, vx)
             metrics.metrics(done, **ev)
             with torch.no_grad():
-                shown = vx[:16]
+                shown = vx[torch.linspace(0, len(vx) - 1, 16).long()]  # across classes
                 recs = ema.model(encoder.encode(shown)).clamp(0, 1)
             path = save_png(grid(torch.cat([shown, recs]), nrow=16),
                             run_dir / f"reconstructions-step{done:07d}.png", upscale=2)

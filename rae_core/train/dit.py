@@ -58,6 +58,28 @@ def make_source(cfg: Config, paths: Paths, encoder, stats, device):
     return OnlineSource(ds, encoder, stats, device)
 
 
+def accumulate_gradients(net: torch.nn.Module, transport, batch: tuple[torch.Tensor, ...],
+                         accum: int, distributed: bool = False,
+                         bf16: bool = False) -> torch.Tensor:
+    """Backward over `accum` equal micro-batches of (x, y, noise, t); returns the batch loss.
+
+    Each micro-loss is scaled by 1/accum and gradients are zeroed only by the caller, so the
+    summed gradients equal those of the whole batch. DDP synchronises on the last one only.
+    """
+    x, y, noise, t = batch
+    micro = len(x) // accum
+    total = torch.zeros((), device=x.device)
+    for k in range(accum):
+        sl = slice(k * micro, (k + 1) * micro)
+        sync = not distributed or k == accum - 1
+        with contextlib.nullcontext() if sync else net.no_sync():
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = transport.loss(net, x[sl], y[sl], noise=noise[sl], t=t[sl]) / accum
+            loss.backward()
+        total += loss.detach()
+    return total
+
+
 def train_loop(config: dict) -> dict:
     """One Ray Train worker's loop; rank 0 checkpoints, logs and writes the EMA model."""
     from rae_core.train.runner import worker_setup
@@ -95,26 +117,19 @@ def train_loop(config: dict) -> dict:
         net = ray.train.torch.prepare_model(model, move_to_device=False)
     if d.compile and device.type == "cuda":
         net = torch.compile(net)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=d.precision == "bf16")
-    micro = d.batch_size // world // d.grad_accum
     decoder = _optional_decoder(cfg, paths, encoder, device) if rank == 0 else None
     last_saved = ckpt_path if ckpt_path.exists() else None
-    loss_sum = torch.zeros((), device=device)
     for step in range(start, d.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
         idx = rank_slice(batch_indices(len(source), d.batch_size, cfg.seed, step), rank, world)
         x, y = source.get(idx, gen)
         x, y = x.to(device), y.to(device)
+        noise = torch.randn(x.shape, generator=gen).to(device)
+        t = transport.sample_time(len(x), generator=gen).to(device)
         opt.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=device)
-        for k in range(d.grad_accum):
-            sl = slice(k * micro, (k + 1) * micro)
-            sync = k == d.grad_accum - 1 or world == 1
-            with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
-                loss = transport.loss(net, x[sl], y[sl]) / d.grad_accum
-            loss.backward()
-            step_loss += loss.detach()
+        step_loss = accumulate_gradients(net, transport, (x, y, noise, t), d.grad_accum,
+                                         distributed=world > 1, bf16=d.precision == "bf16")
         check_finite(step_loss, step, "train-dit", last_saved)
         clip = d.grad_clip if d.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -125,7 +140,6 @@ def train_loop(config: dict) -> dict:
         ema.update(model)
         if world > 1:
             torch.distributed.all_reduce(step_loss, op=torch.distributed.ReduceOp.AVG)
-        loss_sum += step_loss
         done = step + 1
         if done % 10 == 0 or done == d.steps:
             metrics.metrics(done, loss=step_loss.item(), lr=lr, grad_norm=float(grad_norm))
@@ -175,12 +189,17 @@ def _sample_grid(cfg, model, decoder, stats, latent_shape, shift, step, run_dir)
                     upscale=2)
 
 
+def checkpoint_dir(cfg: Config, paths: Paths) -> Path:
+    """Where this configuration's checkpoints live (so the same config resumes)."""
+    return paths.checkpoints / f"train-dit-{cfg.fingerprint('data', 'encoder', 'dit', 'seed')}"
+
+
 def run(cfg: Config, paths: Paths) -> dict:
     """The stage: fit on Ray, keyed by the configuration so a re-run resumes."""
     from rae_core.train.runner import fit
 
     fp = cfg.fingerprint("data", "encoder", "dit", "seed")
-    run_dir = paths.checkpoints / f"train-dit-{fp}"
+    run_dir = checkpoint_dir(cfg, paths)
     run_dir.mkdir(parents=True, exist_ok=True)
     loop_cfg = {"cfg": cfg.to_dict(), "root": str(paths.root), "run_dir": str(run_dir),
                 "fingerprint": fp}

@@ -98,6 +98,19 @@ def worker_setup(cfg: Config) -> tuple[int, int, Any]:
     import torch
 
     torch.set_num_threads(cfg.ray.cpus_per_worker)
+    if not _in_ray_train():
+        return 0, 1, torch.device("cuda" if cfg.ray.use_gpu else "cpu")
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
     return ctx.get_world_rank(), ctx.get_world_size(), device
+
+
+def _in_ray_train() -> bool:
+    """Whether this process is a Ray Train worker (loops also run plainly, e.g. in tests)."""
+    try:
+        import ray.train
+
+        ray.train.get_context().get_world_rank()
+        return True
+    except Exception:  # noqa: BLE001 - outside a Train session the context raises
+        return False
