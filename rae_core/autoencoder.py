@@ -47,7 +47,7 @@ def stats_identity(cfg: Config, encoder: nn.Module) -> dict:
     """What the statistics depend on: the encoder (and its weights) and the training images."""
     ident = dict(encoder.identity())
     ident.update(dataset=cfg.data.dataset, source=cfg.data.source or cfg.data.root,
-                 resolution=cfg.data.resolution)
+                 resolution=cfg.data.resolution, hflip=cfg.data.hflip)
     return ident
 
 

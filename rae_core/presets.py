@@ -40,7 +40,7 @@ def _imagenet(resolution: int, dit_epochs: int, ag_scale: float, ag_epochs: int)
     return {
         "preset": f"imagenet{resolution}",
         "data": {"dataset": "folder", "source": "data/imagenet", "root": "data/imagenet",
-                 "resolution": resolution, "num_classes": 1000},
+                 "resolution": resolution, "num_classes": 1000, "hflip": True},
         "encoder": {"name": "dinov2-b"},
         "stats": {"batch_size": 256, "shards": 8},
         "extract": {"enabled": False, "dtype": "bfloat16", "shard_size": 8192},

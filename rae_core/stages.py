@@ -67,11 +67,13 @@ def _encode_range(cfg_dict: dict, root: str, start: int, end: int, both_flips: b
 
 
 def _stats_shard(cfg_dict: dict, root: str, start: int, end: int) -> dict:
+    from rae_core.config import from_dict
     from rae_core.encoders import LatentStats
 
-    z, _ = _encode_range(cfg_dict, root, start, end, both_flips=True)
-    st = LatentStats(tuple(z.shape[2:]))
-    st.update(z.flatten(0, 1))
+    hflip = from_dict(cfg_dict).data.hflip
+    z, _ = _encode_range(cfg_dict, root, start, end, both_flips=hflip)
+    st = LatentStats(tuple(z.shape[-3:]))
+    st.update(z.flatten(0, 1) if hflip else z)
     return st.state_dict()
 
 
@@ -81,7 +83,8 @@ def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 def stats(cfg: Config, paths: Paths) -> dict:
-    """Exact per-element mean/var of the latents of all training images under both flips."""
+    """Exact per-element mean/var of the latents of all training images (and their mirror
+    images where data.hflip augments the training data)."""
     from rae_core.autoencoder import load_encoder, stats_identity
     from rae_core.data.folder import scan_split
     from rae_core.encoders import LatentStats

@@ -31,7 +31,7 @@ def read_manifest(latents_dir: Path) -> dict:
 class ShardSource:
     """All shards memory-mapped; `get` returns normalised latents and labels for indices."""
 
-    def __init__(self, latents_dir: Path, stats, expected_identity: dict):
+    def __init__(self, latents_dir: Path, stats, expected_identity: dict, hflip: bool = True):
         manifest = read_manifest(latents_dir)
         if manifest["identity"] != expected_identity:
             raise DataError(f"{latents_dir}: latents were extracted with {manifest['identity']} "
@@ -40,13 +40,14 @@ class ShardSource:
                             mmap=True) for s in manifest["shards"]]
         self.latents = torch.cat([p["latents"] for p in parts])  # (N, 2, C, H, W)
         self.labels = torch.cat([p["labels"] for p in parts])  # (N,)
-        self.stats = stats
+        self.stats, self.hflip = stats, hflip
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def get(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        flip = torch.randint(0, 2, (len(idx),), generator=generator)
+        flip = torch.randint(0, 2, (len(idx),), generator=generator) if self.hflip else \
+            torch.zeros(len(idx), dtype=torch.long)
         z = self.latents[idx, flip].float()  # (B, C, H, W)
         return self.stats.normalize(z), self.labels[idx]
 
@@ -54,8 +55,9 @@ class ShardSource:
 class OnlineSource:
     """Encodes training images on the fly (the ImageNet-scale option: no latent cache)."""
 
-    def __init__(self, dataset, encoder, stats, device):
+    def __init__(self, dataset, encoder, stats, device, hflip: bool = True):
         self.dataset, self.encoder, self.stats, self.device = dataset, encoder, stats, device
+        self.hflip = hflip
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -63,7 +65,7 @@ class OnlineSource:
     def get(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         items = [self.dataset[int(i)] for i in idx]
         images = torch.stack([im for im, _ in items]).to(self.device)
-        flip = torch.rand(len(idx), generator=generator) < 0.5
+        flip = (torch.rand(len(idx), generator=generator) < 0.5) & self.hflip
         images[flip.to(self.device)] = images[flip.to(self.device)].flip(-1)
         z = self.encoder.encode(images)
         return self.stats.normalize(z), torch.tensor([lab for _, lab in items])

@@ -51,11 +51,12 @@ def build_dit(cfg: Config, latent_shape: tuple[int, int, int]) -> torch.nn.Modul
 
 def make_source(cfg: Config, paths: Paths, encoder, stats, device):
     if cfg.dit.latents == "shards":
-        return ShardSource(paths.latents_dir, stats, stats_identity(cfg, encoder))
+        return ShardSource(paths.latents_dir, stats, stats_identity(cfg, encoder),
+                           hflip=cfg.data.hflip)
     from rae_core.data.folder import ImageFolderDataset
 
     ds = ImageFolderDataset(paths.dataset(cfg.data.root), "train", cfg.data.resolution)
-    return OnlineSource(ds, encoder, stats, device)
+    return OnlineSource(ds, encoder, stats, device, hflip=cfg.data.hflip)
 
 
 def accumulate_gradients(net: torch.nn.Module, transport, batch: tuple[torch.Tensor, ...],
