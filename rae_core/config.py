@@ -45,11 +45,11 @@ class DataConfig:
 class PretrainConfig:
     """MAE pretraining of the small encoder (only for encoders the platform pretrains itself)."""
 
-    steps: int = _f(500, 1)
+    steps: int = _f(400, 1)
     batch_size: int = _f(128, 1)
     lr: float = _f(1.5e-3, 0.0, lo_open=True)
     weight_decay: float = _f(0.05, 0.0)
-    warmup_steps: int = _f(50, 0)
+    warmup_steps: int = _f(40, 0)
     mask_ratio: float = _f(0.75, 0.0, 0.99)
     ckpt_every: int = _f(200, 1)
 
@@ -80,8 +80,8 @@ class GanConfig:
     disc: Literal["small", "dino"] = "small"
     disc_weights: str | None = None  # local DINO ViT-S/8 weights for disc = dino
     weight: float = _f(0.75, 0.0)
-    disc_start_step: int = _f(350, 0)
-    gen_start_step: int = _f(450, 0)
+    disc_start_step: int = _f(300, 0)
+    gen_start_step: int = _f(400, 0)
     disc_lr: float = _f(2e-4, 0.0, lo_open=True)
     diffaug: bool = True
 
@@ -92,7 +92,7 @@ class DecoderConfig:
     patch_size: int = _f(8, 1)
     noise_tau: float = _f(0.8, 0.0)
     noise_law: Literal["paper", "reference"] = "paper"
-    steps: int = _f(700, 1)
+    steps: int = _f(600, 1)
     batch_size: int = _f(64, 1)
     lr: float = _f(1e-3, 0.0, lo_open=True)
     min_lr: float = _f(1e-4, 0.0)
@@ -103,7 +103,7 @@ class DecoderConfig:
     lpips_weight: float = _f(0.0, 0.0)  # no VGG weights offline: L1 + GAN in the embedded default
     lpips_weights: str | None = None  # local torchvision vgg16 state dict for LPIPS
     gan: GanConfig = field(default_factory=GanConfig)
-    eval_every: int = _f(350, 1)
+    eval_every: int = _f(300, 1)
     ckpt_every: int = _f(200, 1)
 
 
@@ -114,7 +114,7 @@ class DiTConfig:
     depth: int | None = _f(None, 1)
     heads: int | None = _f(None, 1)
     steps: int = _f(1500, 1)
-    batch_size: int = _f(96, 1)  # global batch, split across workers and accumulation steps
+    batch_size: int = _f(128, 1)  # global batch, split across workers and accumulation steps
     grad_accum: int = _f(1, 1)
     lr: float = _f(1e-3, 0.0, lo_open=True)
     min_lr: float = _f(1e-4, 0.0)
@@ -146,7 +146,7 @@ class SampleConfig:
     sampler: Literal["euler", "heun"] = "euler"
     steps: int = _f(50, 2)
     guidance: Literal["none", "cfg", "autoguidance"] = "cfg"
-    scale: float = _f(4.0, 0.0)
+    scale: float = _f(5.0, 0.0)
     interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     weak_model: str | None = None  # AutoGuidance: a checkpoint file of a weaker/earlier model
     batch_size: int = _f(250, 1)
