@@ -99,7 +99,7 @@ def test_mlflow_has_a_run_per_stage_with_metrics_and_models(project):
     names = {m.name for m in client.search_registered_models()}
     assert {"rae-decoder-digits-32", "rae-generator-digits-32"} <= names
     champ = client.get_model_version_by_alias("rae-generator-digits-32", "champion")
-    assert champ.version == "1"
+    assert str(champ.version) == "1"
 
 
 def test_leaderboard_lists_the_evaluation(project):
