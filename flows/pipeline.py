@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import tracking
 from rae_core.config import Config, from_dict
 from rae_core.errors import RaeError
+from rae_core.locking import project_lock
 from rae_core.paths import Paths
 from rae_core.stages import STAGES
 
@@ -137,7 +138,11 @@ def stage_task(name: str, cfg_dict: dict, root: str, parent: str | None) -> dict
 def pipeline_flow(cfg_dict: dict, root: str, until: str | None = None) -> dict:
     """prepare -> pretrain-encoder -> stats -> extract -> train-decoder -> train-dit -> sample
     -> evaluate, one task each, under one parent MLflow run."""
-    cfg, paths = from_dict(cfg_dict), Paths.at(root)
+    with project_lock(root, "rae run"):
+        return _pipeline(from_dict(cfg_dict), Paths.at(root), cfg_dict, root, until)
+
+
+def _pipeline(cfg: Config, paths: Paths, cfg_dict: dict, root: str, until: str | None) -> dict:
     last = ORDER.index(until) if until else len(ORDER) - 1
     parent = tracking.start_run(cfg, paths.root, f"pipeline-{cfg.preset}",
                                 tags={"rae.kind": "pipeline"})
@@ -161,4 +166,5 @@ def pipeline_flow(cfg_dict: dict, root: str, until: str | None = None) -> dict:
 
 @flow(name="rae-stage")
 def stage_flow(name: str, cfg_dict: dict, root: str) -> dict:
-    return stage_task.with_options(name=name)(name, cfg_dict, root, None)
+    with project_lock(root, f"rae stage {name}"):
+        return stage_task.with_options(name=name)(name, cfg_dict, root, None)

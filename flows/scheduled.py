@@ -1,4 +1,5 @@
-"""Scheduled reproducibility runs: the pipeline re-run on pinned presets on cron schedules."""
+"""Scheduled reproducibility runs: `rae serve` serves the nightly `smoke` and weekly `tiny`
+reproductions (cron strings from params: schedule.nightly, schedule.weekly) from one process."""
 
 from __future__ import annotations
 
@@ -7,17 +8,16 @@ from pathlib import Path
 from rae_core.config import Config
 
 
+def deployments(cfg: Config, root: Path) -> list:
+    from flows.reproduce import reproduce_flow
+
+    return [reproduce_flow.to_deployment(name=f"reproduce-{preset}", cron=cron,
+                                         parameters={"preset": preset, "root": str(root)})
+            for preset, cron in (("smoke", cfg.schedule.nightly), ("tiny", cfg.schedule.weekly))]
+
+
 def serve(cfg: Config, root: Path) -> None:
-    """Serve the nightly and weekly deployments from this process (blocks)."""
+    """Serve the deployments from this process (blocks until interrupted)."""
     from prefect import serve as prefect_serve
 
-    from flows.pipeline import pipeline_flow
-    from rae_core.presets import load_config
-
-    deployments = []
-    for preset, cron in (("smoke", cfg.schedule.nightly), ("tiny", cfg.schedule.weekly)):
-        pinned = load_config(None, preset)
-        deployments.append(pipeline_flow.to_deployment(
-            name=f"reproduce-{preset}", cron=cron,
-            parameters={"cfg_dict": pinned.to_dict(), "root": str(root)}))
-    prefect_serve(*deployments)
+    prefect_serve(*deployments(cfg, root))

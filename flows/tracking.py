@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ log = logging.getLogger(__name__)
 
 EVAL_KIND = "evaluation"
 SECRET_WORDS = ("token", "password", "secret", "key_id", "access_key", "credential")
+URL_CREDENTIALS = re.compile(r"://[^/@\s]+@")
 
 
 def client():
@@ -33,15 +35,19 @@ def experiment_id(cfg: Config, root: Path) -> str:
     if exp is not None:
         return exp.experiment_id
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    location = (root / "mlartifacts" / name).as_uri() if uri.startswith("sqlite") else None
+    # artifacts beside the SQLite store they belong to (a run's own folder may be temporary)
+    store = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else root
+    location = (store / "mlartifacts" / name).as_uri() if uri.startswith("sqlite") else None
     return mlflow.create_experiment(name, artifact_location=location)
 
 
 def _safe_params(cfg: Config) -> dict[str, str]:
-    """Flattened params; values of keys that look like credentials are never logged."""
+    """Flattened params; values of keys that look like credentials, and the user:password part
+    of URLs (an s3:// or https:// data.source), are never logged."""
     out = {}
     for k, v in cfg.flat().items():
-        out[k] = "***" if any(w in k.lower() for w in SECRET_WORDS) else str(v)[:5000]
+        out[k] = "***" if any(w in k.lower() for w in SECRET_WORDS) else \
+            URL_CREDENTIALS.sub("://***@", str(v))[:5000]
     return out
 
 

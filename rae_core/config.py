@@ -177,9 +177,23 @@ class TrackingConfig:
 
 
 @dataclass
+class ToleranceConfig:
+    """How far a reproduction's metric may lie from its baseline (absolute) before it drifts."""
+
+    fid: float = _f(0.5, 0.0)
+    precision: float = _f(0.03, 0.0)
+    recall: float = _f(0.03, 0.0)
+    class_accuracy: float = _f(0.02, 0.0)
+    recon_psnr: float = _f(0.3, 0.0)
+    rfid: float = _f(0.5, 0.0)
+
+
+@dataclass
 class ScheduleConfig:
     nightly: str = "0 3 * * *"  # cron of the `smoke` reproducibility run
     weekly: str = "0 4 * * 0"  # cron of the `tiny` reproducibility run
+    experiment: str = "rae-reproduce"  # reproductions stay off the leaderboard's experiment
+    tolerance: ToleranceConfig = field(default_factory=ToleranceConfig)
 
 
 @dataclass

@@ -29,12 +29,12 @@ def prepare(cfg: Config, paths: Paths) -> dict:
         materialise_digits(root, cfg.data.val_fraction, cfg.seed)
     elif cfg.data.source and paths.dataset(cfg.data.source) != root:
         src = paths.dataset(cfg.data.source)
-        validate_folder(src, cfg.data.num_classes)
+        validate_folder(src, cfg.data.num_classes, check_files=False)  # layout; files below
         if root.is_symlink() or not root.exists():
             root.parent.mkdir(parents=True, exist_ok=True)
             root.unlink(missing_ok=True)
             root.symlink_to(src, target_is_directory=True)
-    summary = validate_folder(root, cfg.data.num_classes)
+    summary = validate_folder(root, cfg.data.num_classes, resolution=cfg.data.resolution)
     write_json(root.parent / f"{root.name}.json", summary)
     return {"train_images": summary["train"], "val_images": summary["val"],
             "classes": len(summary["classes"])}

@@ -117,3 +117,20 @@ def test_image_source_flips_half_the_batch(digits_root):
     plain = src.images[idx]
     flipped = (x == plain.flip(-1)).flatten(1).all(1) & ~(x == plain).flatten(1).all(1)
     assert 10 < int(flipped.sum()) < 54
+
+
+def test_images_smaller_than_the_crop_are_upsampled_and_counted(tmp_path, caplog):
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / split / cls / "big.png")
+    small = tmp_path / "train" / "a" / "small.png"
+    Image.new("L", (12, 20), 128).save(small)
+    with caplog.at_level("WARNING"):
+        info = validate_folder(tmp_path, num_classes=2, resolution=32)
+    assert info["upsampled"] == 1
+    assert "small.png (12x20)" in caplog.text and "32 px crop" in caplog.text
+    ds = ImageFolderDataset(tmp_path, "train", 32)
+    image, label = ds[ds.index.files.index(small)]
+    assert image.shape == (3, 32, 32) and label == 0
+    assert torch.allclose(image, torch.full_like(image, 128 / 255), atol=1 / 255)

@@ -139,3 +139,25 @@ def test_samples_do_not_depend_on_the_batch_size(project):
     assert before.shape == after.shape
     assert (before.astype(int) - after.astype(int)).__abs__().max() <= 1
     assert (before == after).mean() > 0.999
+
+
+def test_a_killed_ray_worker_is_replaced_and_training_resumes_exactly(project):
+    """RAE_KILL_AT SIGKILLs the Ray Train worker right after its step-40 checkpoint; Ray's
+    failure handling starts a new one, which resumes at step 40 and ends on the same weights."""
+    import torch
+
+    proj, env, _ = project
+    before = torch.load(proj / "models" / "dit" / "ema.pt", weights_only=True)
+    for d in [*(proj / "runs" / "checkpoints").glob("train-dit-*"),
+              *(proj / "runs" / "ray").glob("train-dit-*")]:
+        shutil.rmtree(d)
+    _run([sys.executable, "-m", "flows.cli", "stage", "train-dit"], proj,
+         {**env, "RAE_KILL_AT": "train-dit:40"})
+    events = [json.loads(ln).get("event") for ln in
+              (proj / "runs" / "logs" / "train-dit.jsonl").read_text().splitlines()]
+    assert "resumed at step 40" in events
+    (ckpt_dir,) = (proj / "runs" / "checkpoints").glob("train-dit-*")
+    assert (ckpt_dir / ".killed-train-dit-40").exists()
+    after = torch.load(proj / "models" / "dit" / "ema.pt", weights_only=True)
+    assert after["step"] == before["step"] == 60
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])

@@ -91,27 +91,38 @@ def scan_split(root: str | Path, split: str, classes: list[str] | None = None) -
 
 
 def validate_folder(root: str | Path, num_classes: int | None = None,
-                    check_files: bool = True) -> dict:
-    """Scan train/ and val/, open every image, and report all bad files in one line."""
+                    check_files: bool = True, resolution: int = 0) -> dict:
+    """Scan train/ and val/, open every image, and report all bad files in one line; images
+    smaller than `resolution` are counted and named in a warning."""
     train = scan_split(root, "train")
     val = scan_split(root, "val", list(train.classes))
     if num_classes is not None and len(train.classes) != num_classes:
         raise DataError(f"{Path(root) / 'train'}: {len(train.classes)} classes found but "
                         f"data.num_classes is {num_classes}; set data.num_classes="
                         f"{len(train.classes)}")
+    summary = {"classes": list(train.classes), "train": len(train), "val": len(val)}
     if check_files:
-        bad = []
+        bad, small = [], []
         for f in train.files + val.files:
             try:
                 with Image.open(f) as im:
+                    size = im.size
                     im.verify()
             except Exception as e:  # noqa: BLE001 - any decoder failure marks the file bad
                 bad.append(f"{f} ({type(e).__name__})")
+                continue
+            if min(size) < resolution:
+                small.append(f"{f} ({size[0]}x{size[1]})")
         if bad:
             more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
             raise DataError(f"unreadable or corrupt images: {'; '.join(bad[:3])}{more}; "
                             "remove or replace them")
-    return {"classes": list(train.classes), "train": len(train), "val": len(val)}
+        if small:
+            # ADM's crop upsamples them (bicubic), as the reference pipeline does: kept, but said
+            log.warning("%d images are smaller than the %d px crop and will be upsampled, e.g. %s",
+                        len(small), resolution, "; ".join(small[:3]))
+        summary["upsampled"] = len(small)
+    return summary
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

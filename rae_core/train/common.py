@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ import torch
 from torch import nn
 
 from rae_core.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -34,6 +38,58 @@ def safe_load(path: str | Path) -> Any:
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise DataError(f"{path}: cannot be loaded ({type(e).__name__}); delete it and re-run "
                         "the stage that writes it") from None
+
+
+class Checkpointer:
+    """A training loop's `last.pt`: model, EMA, optimiser and step, tied to its configuration.
+
+    RNG state and data position need no saving: every step reseeds from (seed, step) and reads
+    the batch `batch_indices(seed, step)`, so the step alone restores both exactly, and a
+    resumed run reproduces an uninterrupted one bit for bit on the CPU. The learning rate is a
+    pure function of the step too.
+    """
+
+    def __init__(self, run_dir: str | Path, fingerprint: str, stage: str):
+        self.path = Path(run_dir) / "last.pt"
+        self.fingerprint, self.stage = fingerprint, stage
+
+    @property
+    def last_good(self) -> Path | None:
+        """The checkpoint a failing run keeps, if one was written."""
+        return self.path if self.path.exists() else None
+
+    def resume(self, **states: Any) -> int:
+        """Load every named state (modules, optimisers) from last.pt; returns its step, or 0."""
+        if not self.path.exists():
+            return 0
+        state = safe_load(self.path)
+        if state.get("fingerprint") != self.fingerprint:
+            raise DataError(f"{self.path}: checkpoint of another configuration "
+                            f"({state.get('fingerprint')}, this run is {self.fingerprint}); "
+                            "move it away or restore the configuration that wrote it")
+        for name, obj in states.items():
+            obj.load_state_dict(state[name])
+        log.info("%s: resumed at step %d from %s", self.stage, state["step"], self.path)
+        return state["step"]
+
+    def save(self, step: int, **states: Any) -> None:
+        atomic_save({name: obj.state_dict() for name, obj in states.items()}
+                    | {"step": step, "fingerprint": self.fingerprint}, self.path)
+        kill_drill(self.stage, step, self.path.parent)
+
+
+def kill_drill(stage: str, step: int, run_dir: Path) -> None:
+    """Reliability drill: RAE_KILL_AT=<stage>:<step> SIGKILLs this process once, right after
+    that step's checkpoint, to rehearse a crash (a marker file keeps the resumed run alive)."""
+    target = os.environ.get("RAE_KILL_AT", "")
+    if target != f"{stage}:{step}":
+        return
+    marker = run_dir / f".killed-{stage}-{step}"
+    if marker.exists():
+        return
+    marker.touch()
+    log.warning("RAE_KILL_AT=%s: killing this process (pid %d)", target, os.getpid())
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_json(path: str | Path, data: Any) -> None:

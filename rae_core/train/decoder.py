@@ -19,10 +19,10 @@ from rae_core.data.folder import ImageSource
 from rae_core.paths import Paths
 from rae_core.train.common import (
     EMA,
+    Checkpointer,
     MetricsLog,
     atomic_save,
     check_finite,
-    safe_load,
     set_lr,
     warmup_cosine,
     write_json,
@@ -86,18 +86,10 @@ def train_loop(config: dict) -> dict:
     disc_params = [p for p in disc.parameters() if p.requires_grad]
     opt_d = torch.optim.AdamW(disc_params, lr=g.disc_lr, betas=tuple(d.betas), weight_decay=0.0)
     metrics = MetricsLog(paths.metrics_log("train-decoder"), enabled=rank == 0)
-    ckpt_path, start = run_dir / "last.pt", 0
-    if ckpt_path.exists():
-        state = safe_load(ckpt_path)
-        decoder.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        disc.load_state_dict(state["disc"])
-        opt_d.load_state_dict(state["opt_d"])
-        start = state["step"]
-        log.info("train-decoder: resumed at step %d", start)
+    ckpt = Checkpointer(run_dir, config["fingerprint"], "train-decoder")
+    start = ckpt.resume(model=decoder, ema=ema.model, opt=opt, disc=disc, opt_d=opt_d)
+    if start:
         metrics.event(start, f"resumed at step {start}")
-    last_saved = ckpt_path if ckpt_path.exists() else None
     for step in range(start, d.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
@@ -117,7 +109,7 @@ def train_loop(config: dict) -> dict:
             gan_loss = generator_loss(disc(fake))
             lam = adaptive_gan_weight(rec_loss, gan_loss, decoder.last_layer_weight)
         loss = rec_loss + g.weight * lam * gan_loss
-        check_finite(loss.detach(), step, "train-decoder", last_saved)
+        check_finite(loss.detach(), step, "train-decoder", ckpt.last_good)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _average_grads(decoder, world)
@@ -144,11 +136,7 @@ def train_loop(config: dict) -> dict:
                             gan_lambda=float(lam), disc_loss=d_loss.item(),
                             psnr=batch_psnr.item(), lr=lr)
         if rank == 0 and (done % d.ckpt_every == 0 or done == d.steps):
-            atomic_save({"model": decoder.state_dict(), "ema": ema.model.state_dict(),
-                         "opt": opt.state_dict(), "disc": disc.state_dict(),
-                         "opt_d": opt_d.state_dict(), "step": done,
-                         "fingerprint": config["fingerprint"]}, ckpt_path)
-            last_saved = ckpt_path
+            ckpt.save(done, model=decoder, ema=ema.model, opt=opt, disc=disc, opt_d=opt_d)
         if rank == 0 and (done % d.eval_every == 0 or done == d.steps):
             vx = val_images[:256].to(device)
             ev = evaluate_reconstruction(encoder, ema.model, vx)

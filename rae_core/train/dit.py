@@ -19,10 +19,10 @@ from rae_core.data.latents import OnlineSource, ShardSource
 from rae_core.paths import Paths
 from rae_core.train.common import (
     EMA,
+    Checkpointer,
     MetricsLog,
     atomic_save,
     check_finite,
-    safe_load,
     set_lr,
     warmup_constant_linear,
 )
@@ -100,15 +100,9 @@ def train_loop(config: dict) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=d.lr, betas=tuple(d.betas),
                             weight_decay=d.weight_decay, fused=device.type == "cuda")
     metrics = MetricsLog(paths.metrics_log("train-dit"), enabled=rank == 0)
-    ckpt_path = run_dir / "last.pt"
-    start = 0
-    if ckpt_path.exists():
-        state = safe_load(ckpt_path)
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-        log.info("train-dit: resumed at step %d from %s", start, ckpt_path)
+    ckpt = Checkpointer(run_dir, config["fingerprint"], "train-dit")
+    start = ckpt.resume(model=model, ema=ema.model, opt=opt)
+    if start:
         metrics.event(start, f"resumed at step {start}")
     shift = latent_shift(cfg, latent_shape)
     transport = Transport(time_dist=d.time_dist, shift=shift)
@@ -120,7 +114,7 @@ def train_loop(config: dict) -> dict:
     if d.compile and device.type == "cuda":
         net = torch.compile(net)
     decoder = _optional_decoder(cfg, paths, encoder, device) if rank == 0 else None
-    last_saved = ckpt_path if ckpt_path.exists() else None
+    step_loss = torch.full((), float("nan"))  # stays NaN only when resuming a finished run
     for step in range(start, d.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
@@ -132,7 +126,7 @@ def train_loop(config: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         step_loss = accumulate_gradients(net, transport, (x, y, noise, t), d.grad_accum,
                                          distributed=world > 1, bf16=d.precision == "bf16")
-        check_finite(step_loss, step, "train-dit", last_saved)
+        check_finite(step_loss, step, "train-dit", ckpt.last_good)
         clip = d.grad_clip if d.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         lr = warmup_constant_linear(step, d.lr, d.min_lr, d.warmup_steps, d.decay_start_step,
@@ -146,13 +140,10 @@ def train_loop(config: dict) -> dict:
         if done % 10 == 0 or done == d.steps:
             metrics.metrics(done, loss=step_loss.item(), lr=lr, grad_norm=float(grad_norm))
         if rank == 0 and (done % d.ckpt_every == 0 or done == d.steps):
-            atomic_save({"model": model.state_dict(), "ema": ema.model.state_dict(),
-                         "opt": opt.state_dict(), "step": done,
-                         "fingerprint": config["fingerprint"]}, ckpt_path)
             atomic_save({"model": ema.model.state_dict(), "step": done, "name": d.model,
                          "overrides": cfg.dit.overrides(), "latent_shape": list(latent_shape)},
                         run_dir / f"ema-step{done:07d}.pt")
-            last_saved = ckpt_path
+            ckpt.save(done, model=model, ema=ema.model, opt=opt)
         if decoder is not None and (done % d.sample_every == 0 or done == d.steps):
             path = _sample_grid(cfg, ema.model, decoder, stats, latent_shape, shift, done,
                                 run_dir)
@@ -162,7 +153,8 @@ def train_loop(config: dict) -> dict:
     if rank == 0:
         paths.dit_dir.mkdir(parents=True, exist_ok=True)
         atomic_save({"model": ema.model.state_dict(), "step": d.steps, "name": d.model,
-                     "overrides": cfg.dit.overrides(), "latent_shape": list(latent_shape), "shift": shift}, paths.dit_dir / "ema.pt")
+                     "overrides": cfg.dit.overrides(), "latent_shape": list(latent_shape),
+                     "shift": shift}, paths.dit_dir / "ema.pt")
     return summary
 
 

@@ -12,10 +12,10 @@ from rae_core.config import Config, from_dict
 from rae_core.data.folder import ImageSource
 from rae_core.paths import Paths
 from rae_core.train.common import (
+    Checkpointer,
     MetricsLog,
     atomic_save,
     check_finite,
-    safe_load,
     set_lr,
     warmup_cosine,
 )
@@ -38,13 +38,9 @@ def train_loop(config: dict) -> dict:
     opt = torch.optim.AdamW(mae.parameters(), lr=p.lr, betas=(0.9, 0.95),
                             weight_decay=p.weight_decay)
     metrics = MetricsLog(paths.metrics_log("pretrain-encoder"), enabled=rank == 0)
-    ckpt_path, start = run_dir / "last.pt", 0
-    if ckpt_path.exists():
-        state = safe_load(ckpt_path)
-        mae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-        log.info("pretrain-encoder: resumed at step %d", start)
+    ckpt = Checkpointer(run_dir, config["fingerprint"], "pretrain-encoder")
+    start = ckpt.resume(model=mae, opt=opt)
+    if start:
         metrics.event(start, f"resumed at step {start}")
     loss = torch.zeros(())
     for step in range(start, p.steps):
@@ -53,7 +49,7 @@ def train_loop(config: dict) -> dict:
         idx = rank_slice(batch_indices(len(source), p.batch_size, cfg.seed, step), rank, world)
         x, _ = source.get(idx, gen)
         loss = mae.mae_loss(x.to(device), mask_ratio=p.mask_ratio)
-        check_finite(loss.detach(), step, "pretrain-encoder", ckpt_path if start else None)
+        check_finite(loss.detach(), step, "pretrain-encoder", ckpt.last_good)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
@@ -68,8 +64,7 @@ def train_loop(config: dict) -> dict:
         if done % 10 == 0 or done == p.steps:
             metrics.metrics(done, mae_loss=loss.item(), lr=lr)
         if rank == 0 and (done % p.ckpt_every == 0 or done == p.steps):
-            atomic_save({"model": mae.state_dict(), "opt": opt.state_dict(), "step": done,
-                         "fingerprint": config["fingerprint"]}, ckpt_path)
+            ckpt.save(done, model=mae, opt=opt)
     if rank == 0:
         atomic_save(mae.state_dict(), paths.encoder_dir / "encoder.pt")
     return {"steps": p.steps, "resumed_at": start, "final_mae_loss": float(loss)}

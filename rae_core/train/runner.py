@@ -40,8 +40,11 @@ def ensure_ray(cfg: Config) -> None:
 
 def _worker_env() -> dict[str, str]:
     """Settings Ray workers must see before they import torch."""
-    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    if os.environ.get("RAE_KILL_AT"):  # the crash drill must reach the workers it kills
+        env["RAE_KILL_AT"] = os.environ["RAE_KILL_AT"]
+    return env
 
 
 def fit(name: str, loop: Callable[[dict], Any], loop_config: dict, cfg: Config,

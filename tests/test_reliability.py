@@ -1,0 +1,141 @@
+"""Resume after SIGKILL, refusal of foreign checkpoints and second writers, failed runs marked in
+MLflow, and bit-identical results for the same configuration and seed on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rae_core.errors import DataError
+from rae_core.locking import ProjectBusyError, project_lock
+from rae_core.paths import Paths
+from rae_core.presets import load_config
+from rae_core.train.common import Checkpointer, safe_load
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOP = ("import json, logging, sys; logging.basicConfig(level=logging.INFO); "
+        "from rae_core.train import pretrain_encoder; "
+        "pretrain_encoder.train_loop(json.loads(sys.argv[1]))")
+
+
+def _project(tmp_path: Path, name: str, digits_root: Path) -> Path:
+    root = tmp_path / name
+    root.mkdir()
+    (root / "dataset").symlink_to(digits_root, target_is_directory=True)
+    return root
+
+
+def _pretrain(root: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """The pretrain-encoder stage's loop in a process of its own (40 steps, checkpoint every 10)."""
+    cfg = load_config(None, "smoke", ["data.root=dataset", "encoder.pretrain.ckpt_every=10"])
+    config = {"cfg": cfg.to_dict(), "root": str(root), "run_dir": str(root / "ckpt"),
+              "fingerprint": cfg.fingerprint("data", "encoder", "seed")}
+    env = {k: v for k, v in os.environ.items() if k != "RAE_KILL_AT"}
+    if kill_at:
+        env["RAE_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-c", LOOP, json.dumps(config)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _losses(root: Path) -> dict[int, float]:
+    lines = Paths.at(root).metrics_log("pretrain-encoder").read_text().splitlines()
+    recs = [json.loads(ln) for ln in lines]
+    return {r["step"]: r["metrics"]["mae_loss"] for r in recs if "metrics" in r}
+
+
+def _weights(root: Path) -> dict[str, torch.Tensor]:
+    return safe_load(Paths.at(root).encoder_dir / "encoder.pt")
+
+
+def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path, digits_root):
+    first, again, killed = (_project(tmp_path, n, digits_root) for n in ("a", "b", "killed"))
+    for root in (first, again):
+        assert _pretrain(root).returncode == 0
+    crash = _pretrain(killed, kill_at="pretrain-encoder:20")
+    assert crash.returncode == -9  # SIGKILL, right after the step-20 checkpoint
+    assert safe_load(killed / "ckpt" / "last.pt")["step"] == 20
+    assert not (Paths.at(killed).encoder_dir / "encoder.pt").exists()
+
+    resumed = _pretrain(killed)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed at step 20" in resumed.stderr
+    # same config and seed: bit-identical losses and weights, with or without the crash
+    assert _losses(first) == _losses(again) == _losses(killed)
+    reference = _weights(first)
+    for other in (_weights(again), _weights(killed)):
+        assert reference.keys() == other.keys()
+        assert all(torch.equal(reference[k], other[k]) for k in reference)
+
+    # latents and their statistics are bit-identical too when computed twice
+    from rae_core.stages import _encode_range, _stats_shard
+
+    cfg = load_config(None, "smoke", ["data.root=dataset"]).to_dict()
+    z1, y1 = _encode_range(cfg, str(first), 0, 64, both_flips=True)
+    z2, y2 = _encode_range(cfg, str(first), 0, 64, both_flips=True)
+    assert z1.shape[:2] == (64, 2) and torch.equal(z1, z2) and torch.equal(y1, y2)
+    s1, s2 = _stats_shard(cfg, str(first), 0, 64), _stats_shard(cfg, str(first), 0, 64)
+    assert all(torch.equal(torch.as_tensor(s1[k]), torch.as_tensor(s2[k])) for k in s1)
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    Checkpointer(tmp_path, "aaaa", "train-dit").save(10, model=model)
+    assert Checkpointer(tmp_path, "aaaa", "train-dit").resume(model=model) == 10
+    with pytest.raises(DataError, match=r"last.pt: checkpoint of another configuration "
+                                        r"\(aaaa, this run is bbbb\)"):
+        Checkpointer(tmp_path, "bbbb", "train-dit").resume(model=model)
+
+
+def test_a_second_writer_is_refused_at_once_with_one_line(tmp_path):
+    with project_lock(tmp_path, "rae run"), project_lock(tmp_path, "nested"):  # re-entrant
+        with pytest.raises(ProjectBusyError):
+            _lock_in_another_process(tmp_path)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        res = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "prepare",
+                              "--preset", "smoke"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    (line,) = res.stderr.strip().splitlines()
+    assert "runs/.lock: `rae run` (pid" in line and "is writing this project's outputs" in line
+    assert not (tmp_path / "data").exists()  # nothing was written
+    _lock_in_another_process(tmp_path)  # released
+
+
+def _lock_in_another_process(root: Path) -> None:
+    code = ("import sys; from rae_core.locking import project_lock\n"
+            "with project_lock(sys.argv[1], 'probe'): pass")
+    res = subprocess.run([sys.executable, "-c", code, str(root)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    if res.returncode:
+        raise ProjectBusyError(res.stderr.strip().splitlines()[-1])
+
+
+def test_a_failed_stage_marks_its_mlflow_run_failed_with_the_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    import mlflow
+
+    from flows.pipeline import one_line, run_stage
+
+    cfg = load_config(None, "smoke", ["data.dataset=folder", "data.source=nowhere"])
+    with pytest.raises(DataError) as err:
+        run_stage("prepare", cfg, Paths.at(tmp_path), None)
+    assert "nowhere/train: dataset folder not found" in str(err.value)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(experiment_names=["rae"], output_format="list")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["rae.error"] == one_line(err.value) == str(err.value)
+
+
+def test_credentials_in_params_are_never_logged():
+    from flows.tracking import _safe_params
+
+    cfg = load_config(None, "smoke", ["data.dataset=folder",
+                                      "data.source=s3://AKIAXYZ:s3cr3t@bucket/ilsvrc"])
+    logged = _safe_params(cfg)
+    assert logged["data.source"] == "s3://***@bucket/ilsvrc"
+    assert not any("s3cr3t" in v or "AKIAXYZ" in v for v in logged.values())
+    assert logged["dit.model"] == "DiTDH-micro"
