@@ -1,5 +1,8 @@
-"""The smoke preset end to end: `dvc repro` runs every stage through `rae stage`, i.e. through
-Prefect, Ray Train and MLflow; the test checks the artifacts, the logged runs and DVC's view."""
+"""The smoke preset end to end, in team mode: `dvc repro` runs every stage through `rae stage`,
+i.e. through Prefect, Ray Train and MLflow, against a Ray head, a Prefect server and an MLflow
+server running as separate processes on loopback (the `servers` fixture). The tests check the
+artifacts, DVC's view, and what the servers' own HTTP APIs hold; the crash test runs one stage
+in local mode (temporary Prefect server, local Ray, SQLite MLflow in the project)."""
 
 import json
 import os
@@ -9,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import http_json
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "pretrain-encoder", "stats", "extract", "train-decoder", "train-dit",
@@ -24,15 +28,14 @@ def _run(cmd, cwd, env, timeout=900):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(tmp_path_factory, servers):
     proj = tmp_path_factory.mktemp("project")
     for item in ("dvc.yaml", "rae_core", "flows"):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, proj / item)
-    env = dict(os.environ)
+    env = dict(servers["env"])
+    env.pop("PREFECT_HOME", None)  # the project's own, where a temporary server would live
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("PREFECT_HOME", None)
     for k, v in {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
                  "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}.items():
         env.setdefault(k, v)
@@ -45,10 +48,10 @@ def project(tmp_path_factory):
     return proj, env, repro
 
 
-def _mlflow(proj):
+def _mlflow(env):
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlflow.db'}")
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     return mlflow
 
 
@@ -80,8 +83,9 @@ def test_evaluation_metrics_are_real_numbers(project):
 
 
 def test_mlflow_has_a_run_per_stage_with_metrics_and_models(project):
-    proj, _, _ = project
-    mlflow = _mlflow(proj)
+    proj, env, _ = project
+    assert not (proj / "mlflow.db").exists()  # everything went to the team's server
+    mlflow = _mlflow(env)
     runs = mlflow.search_runs(experiment_names=["rae"], output_format="list")
     by_stage = {r.data.tags.get("rae.stage"): r for r in runs}
     assert set(STAGES) <= set(by_stage)
@@ -100,6 +104,36 @@ def test_mlflow_has_a_run_per_stage_with_metrics_and_models(project):
     assert {"rae-decoder-digits-32", "rae-generator-digits-32"} <= names
     champ = client.get_model_version_by_alias("rae-generator-digits-32", "champion")
     assert str(champ.version) == "1"
+
+
+def test_the_prefect_server_recorded_every_stage_flow_run(project, servers):
+    proj, _, _ = project
+    api = servers["prefect"]
+    flows = {f["id"]: f["name"] for f in http_json(f"{api}/flows/filter", {})}
+    runs = [r for r in http_json(f"{api}/flow_runs/filter", {"limit": 100})
+            if flows[r["flow_id"]] == "rae-stage"]
+    assert len(runs) == len(STAGES) and all(r["state_type"] == "COMPLETED" for r in runs)
+    ids = [r["id"] for r in runs]
+    tasks = http_json(f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": ids}}})
+    assert {t["name"].rsplit("-", 1)[0] for t in tasks} == set(STAGES)
+    assert not (proj / ".prefect" / "prefect.db").exists()  # no temporary local server
+
+
+def test_the_mlflow_server_api_serves_the_models_and_the_champion(project, servers):
+    api = f"{servers['mlflow']}/api/2.0/mlflow"
+    exp = http_json(f"{api}/experiments/get-by-name?experiment_name=rae")["experiment"]
+    runs = http_json(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                            "max_results": 100})["runs"]
+    stages = {t["value"] for r in runs for t in r["data"].get("tags", [])
+              if t["key"] == "rae.stage"}
+    assert stages == set(STAGES)
+    models = {m["name"] for m in
+              http_json(f"{api}/registered-models/search")["registered_models"]}
+    assert {"rae-decoder-digits-32", "rae-generator-digits-32"} <= models
+    alias = http_json(f"{api}/registered-models/alias?name=rae-generator-digits-32"
+                      "&alias=champion")
+    assert str(alias["model_version"]["version"]) == "1"
+    assert any((servers["home"] / "artifacts").rglob("grid.png"))
 
 
 def test_leaderboard_lists_the_evaluation(project):
@@ -146,7 +180,9 @@ def test_a_killed_ray_worker_is_replaced_and_training_resumes_exactly(project):
     failure handling starts a new one, which resumes at step 40 and ends on the same weights."""
     import torch
 
-    proj, env, _ = project
+    proj, team_env, _ = project
+    env = {k: v for k, v in team_env.items()
+           if k not in ("RAY_ADDRESS", "PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     before = torch.load(proj / "models" / "dit" / "ema.pt", weights_only=True)
     for d in [*(proj / "runs" / "checkpoints").glob("train-dit-*"),
               *(proj / "runs" / "ray").glob("train-dit-*")]:
@@ -161,3 +197,4 @@ def test_a_killed_ray_worker_is_replaced_and_training_resumes_exactly(project):
     after = torch.load(proj / "models" / "dit" / "ema.pt", weights_only=True)
     assert after["step"] == before["step"] == 60
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    assert (proj / "mlflow.db").exists()  # local mode: the project's own SQLite store
