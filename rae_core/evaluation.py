@@ -2,35 +2,69 @@
 samples, and rFID/PSNR of the decoder on the validation split.
 
 Every FID carries the name of the extractor that produced it. The reference statistics of the
-training set are computed once per (dataset, extractor) and cached under models/reference.
+training set (and an evenly spread subset of its features for precision/recall) are computed
+once per (dataset, extractor) and cached under models/reference.
+
+Splits are streamed in chunks of CHUNK images and features folded into running statistics, so
+memory does not grow with the dataset: ImageNet's 1.28M training images are ~1 TB as float32
+and their 2048-d Inception features ~21 GB in float64.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from rae_core.config import Config
+from rae_core.data.folder import ImageFolderDataset, iter_split, load_split
+from rae_core.metrics import (
+    DomainExtractor,
+    FeatureStats,
+    InceptionExtractor,
+    StatsAccumulator,
+    frechet_distance,
+    inception_score,
+    load_classifier,
+    precision_recall,
+    psnr,
+    save_classifier,
+    train_domain_classifier,
+)
+from rae_core.metrics.domain import predict
+from rae_core.metrics.features import as_float_images
 from rae_core.paths import Paths
 from rae_core.train.common import write_json
 
 log = logging.getLogger(__name__)
+
+CHUNK = 500  # images in memory at once: ~0.4 GB as float32 at 256 px
+# Reference features kept for precision/recall: the paper's protocol compares 50k samples with
+# 50k real images; more would cost O(N^2) distances and ~0.8 GB per 50k Inception features.
+MAX_PR_REFERENCE = 50_000
 
 
 def _dataset_key(cfg: Config) -> str:
     return cfg.fingerprint("data", "seed")
 
 
-def domain_classifier(cfg: Config, paths: Paths, train, val):
-    """The domain classifier of this dataset, trained once and kept as an artifact."""
-    from rae_core.metrics.domain import load_classifier, save_classifier, train_domain_classifier
+def domain_classifier(cfg: Config, paths: Paths):
+    """The domain classifier of this dataset, trained once and kept as an artifact.
 
+    Training holds both splits in memory: the domain extractor exists for the small shipped
+    datasets only (ImageNet runs use Inception).
+    """
     path = (paths.reference_dir /
             f"classifier-{_dataset_key(cfg)}-e{cfg.evaluate.classifier_epochs}.pt")
     if path.exists():
         return load_classifier(path)
+    root = paths.dataset(cfg.data.root)
+    train = load_split(root, "train", cfg.data.resolution)
+    val = load_split(root, "val", cfg.data.resolution)
     model, acc = train_domain_classifier(train[0], train[1], val[0], val[1],
                                          epochs=cfg.evaluate.classifier_epochs, batch_size=128,
                                          lr=2e-3, seed=cfg.seed)
@@ -38,44 +72,128 @@ def domain_classifier(cfg: Config, paths: Paths, train, val):
     return load_classifier(path)
 
 
-def build_extractor(cfg: Config, paths: Paths, train, val):
-    from rae_core.metrics.features import DomainExtractor, InceptionExtractor
-
+def build_extractor(cfg: Config, paths: Paths):
+    """(feature extractor, domain classifier or None) of the configured extractor."""
     if cfg.evaluate.extractor == "inception":
         return InceptionExtractor(cfg.evaluate.inception_weights), None
-    clf = domain_classifier(cfg, paths, train, val)
+    clf = domain_classifier(cfg, paths)
     return DomainExtractor(clf), clf
 
 
-def reference_features(cfg: Config, paths: Paths, extractor, images: torch.Tensor) -> np.ndarray:
+@dataclass(frozen=True)
+class Reference:
+    """Training-set statistics of one extractor, and every `stride`-th training image's features
+    (at most MAX_PR_REFERENCE, in file order) as the real set of precision/recall."""
+
+    stats: FeatureStats
+    pr_features: np.ndarray
+
+    def save(self, path: Path) -> None:
+        self.stats.save(path, pr_features=self.pr_features)
+
+    @classmethod
+    def load(cls, path: Path) -> Reference:
+        with np.load(path, allow_pickle=False) as z:
+            pr_features = z["pr_features"]
+        return cls(FeatureStats.load(path), pr_features)
+
+
+def pr_stride(n: int, max_pr: int) -> int:
+    """The smallest k for which every k-th of n images is at most max_pr images."""
+    return max(1, -(-n // max_pr))
+
+
+def reference_from_split(root: str | Path, resolution: int, extractor, chunk: int = CHUNK,
+                         max_pr: int = MAX_PR_REFERENCE) -> Reference:
+    """Stream the training split through the extractor into a Reference."""
+    dataset = ImageFolderDataset(root, "train", resolution)
+    stride = pr_stride(len(dataset), max_pr)
+    log.info("reference statistics (%s): %d training images in chunks of %d, every %d-th kept "
+             "for precision/recall", extractor.name, len(dataset), chunk, stride)
+    acc, kept, start = StatsAccumulator(extractor.name), [], 0
+    for images, _ in dataset.chunks(chunk):
+        feats = extractor(images)
+        acc.update(feats)
+        kept.append(feats[(-start) % stride::stride])  # global indices 0, stride, 2 stride, ...
+        start += len(images)
+    return Reference(acc.stats(), np.concatenate(kept))
+
+
+def reference(cfg: Config, paths: Paths, extractor) -> Reference:
+    """The cached Reference of this dataset and extractor, computed on first use."""
     name = extractor.name.replace(":", "-").replace("/", "-")
-    path = paths.reference_dir / f"train-features-{_dataset_key(cfg)}-{name}.npy"
+    path = (paths.reference_dir /
+            f"train-reference-{_dataset_key(cfg)}-{name}-pr{MAX_PR_REFERENCE}.npz")
     if path.exists():
-        return np.load(path)
-    feats = extractor(images)
-    paths.reference_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, feats)
-    tmp.replace(path)
-    return feats
+        return Reference.load(path)
+    ref = reference_from_split(paths.dataset(cfg.data.root), cfg.data.resolution, extractor)
+    ref.save(path)  # atomic: temporary file, then rename
+    return ref
 
 
-@torch.no_grad()
-def reconstruct(cfg: Config, paths: Paths, images: torch.Tensor, batch: int) -> torch.Tensor:
+def reconstructor(cfg: Config, paths: Paths, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Images -> their reconstructions through the frozen encoder and trained decoder."""
     from rae_core.autoencoder import load_decoder, load_encoder
 
     encoder = load_encoder(cfg, paths)
     decoder = load_decoder(cfg, paths, encoder)
-    return torch.cat([decoder(encoder.encode(images[i: i + batch])).clamp(0, 1)
-                      for i in range(0, len(images), batch)])
+
+    @torch.no_grad()
+    def reconstruct(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([decoder(encoder.encode(images[i: i + batch])).clamp(0, 1)
+                          for i in range(0, len(images), batch)])
+
+    return reconstruct
+
+
+def sample_metrics(images: np.ndarray, labels: np.ndarray, extractor, ref: Reference, clf,
+                   pr_k: int, logits: bool, chunk: int = CHUNK) -> dict:
+    """gFID, precision/recall, class accuracy (domain) and IS (`logits`: Inception) of uint8
+    (N, H, W, 3) samples, converted to float and scored `chunk` images at a time."""
+    acc, feats, scores, correct = StatsAccumulator(extractor.name), [], [], 0
+    for i in range(0, len(images), chunk):
+        x = as_float_images(images[i: i + chunk])
+        feats.append(extractor(x))
+        acc.update(feats[-1])
+        if logits:
+            scores.append(extractor.logits(x))
+        if clf is not None:
+            correct += int((predict(clf, x) == labels[i: i + chunk]).sum())
+    prec, rec = precision_recall(ref.pr_features, np.concatenate(feats), k=pr_k)
+    m: dict = {"fid": frechet_distance(ref.stats, acc.stats()), "precision": prec,
+               "recall": rec, "num_samples": len(images), "extractor": extractor.name}
+    if clf is not None:
+        m["class_accuracy"] = correct / len(images)
+    if logits:
+        m["inception_score"], m["inception_score_std"] = inception_score(np.concatenate(scores))
+    return m
+
+
+def reconstruction_metrics(root: str | Path, resolution: int, extractor,
+                           reconstruct: Callable[[torch.Tensor], torch.Tensor], clf,
+                           chunk: int = CHUNK) -> dict:
+    """rFID and mean per-image PSNR of the reconstructions of the validation split (and the
+    domain classifier's accuracy on it), streamed `chunk` images at a time."""
+    real, recon = StatsAccumulator(extractor.name), StatsAccumulator(extractor.name)
+    psnr_sum, correct = 0.0, 0
+    for images, labels in iter_split(root, "val", resolution, chunk):
+        recs = reconstruct(images)
+        real.update(extractor(images))
+        recon.update(extractor(recs))
+        psnr_sum += psnr(recs, images) * len(images)
+        if clf is not None:
+            correct += int((predict(clf, images) == labels.numpy()).sum())
+    m = {"rfid": frechet_distance(real.stats(), recon.stats()), "recon_psnr": psnr_sum / real.n}
+    if clf is not None:
+        m["classifier_val_accuracy"] = correct / real.n
+    return m
 
 
 @torch.no_grad()
-def fid_curve(cfg: Config, paths: Paths, extractor, ref: np.ndarray) -> list[dict]:
+def fid_curve(cfg: Config, paths: Paths, extractor, ref: FeatureStats) -> list[dict]:
     """FID of a small balanced sample from every saved EMA checkpoint of this configuration."""
     from rae_core.autoencoder import load_decoder, load_encoder, load_stats
     from rae_core.generate import load_generator
-    from rae_core.metrics import fid_from_features
     from rae_core.sampling import balanced_labels, generate
     from rae_core.train.dit import checkpoint_dir, latent_shift
 
@@ -89,15 +207,16 @@ def fid_curve(cfg: Config, paths: Paths, extractor, ref: np.ndarray) -> list[dic
     curve = []
     for ckpt in sorted(checkpoint_dir(cfg, paths).glob("ema-step*.pt")):
         model = load_generator(ckpt, shape, cfg.data.num_classes)
-        z = torch.cat([generate(model, y[i: i + s.batch_size], shape, steps=s.steps,
-                                method=s.sampler, shift=latent_shift(cfg, shape),
-                                guidance="cfg" if s.guidance == "cfg" else "none",
-                                scale=s.scale, interval=tuple(s.interval),
-                                noise=noise[i: i + s.batch_size])
-                       for i in range(0, len(y), s.batch_size)])
-        images = decoder(stats.denormalize(z)).clamp(0, 1)
+        acc = StatsAccumulator(extractor.name)
+        # Decoded and scored per batch: with 1000 classes the whole curve sample is GBs.
+        for i in range(0, len(y), s.batch_size):
+            z = generate(model, y[i: i + s.batch_size], shape, steps=s.steps, method=s.sampler,
+                         shift=latent_shift(cfg, shape),
+                         guidance="cfg" if s.guidance == "cfg" else "none", scale=s.scale,
+                         interval=tuple(s.interval), noise=noise[i: i + s.batch_size])
+            acc.update(extractor(decoder(stats.denormalize(z)).clamp(0, 1)))
         step = int(ckpt.stem.removeprefix("ema-step"))
-        curve.append({"step": step, "fid": float(fid_from_features(ref, extractor(images)))})
+        curve.append({"step": step, "fid": frechet_distance(ref, acc.stats())})
     return curve
 
 
@@ -119,35 +238,17 @@ def plot_curve(curve: list[dict], extractor_name: str, path) -> None:
 
 
 def run(cfg: Config, paths: Paths) -> dict:
-    from rae_core.data.folder import load_split
-    from rae_core.metrics import fid_from_features, precision_recall, psnr
-    from rae_core.metrics.domain import class_accuracy
-
-    root = paths.dataset(cfg.data.root)
-    train = load_split(root, "train", cfg.data.resolution)
-    val = load_split(root, "val", cfg.data.resolution)
-    extractor, clf = build_extractor(cfg, paths, train, val)
-    ref = reference_features(cfg, paths, extractor, train[0])
-    data = np.load(paths.samples_dir / "samples.npz")
-    samples = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float().div(255)
-    labels = torch.from_numpy(data["labels"]).long()
-    fake = extractor(samples)
-    prec, rec = precision_recall(ref, fake, k=cfg.evaluate.pr_k)
-    m: dict = {"fid": float(fid_from_features(ref, fake)), "precision": float(prec),
-               "recall": float(rec), "num_samples": int(len(samples)),
-               "extractor": extractor.name}
-    if clf is not None:
-        m["class_accuracy"] = float(class_accuracy(clf, samples, labels))
-        m["classifier_val_accuracy"] = float(class_accuracy(clf, val[0], val[1]))
-    if cfg.evaluate.extractor == "inception":
-        from rae_core.metrics import inception_score
-
-        m["inception_score"], m["inception_score_std"] = map(
-            float, inception_score(extractor.logits(samples)))
-    recs = reconstruct(cfg, paths, val[0], cfg.evaluate.batch_size)
-    m["rfid"] = float(fid_from_features(extractor(val[0]), extractor(recs)))
-    m["recon_psnr"] = float(psnr(recs, val[0]))
-    curve = fid_curve(cfg, paths, extractor, ref)
+    extractor, clf = build_extractor(cfg, paths)
+    ref = reference(cfg, paths, extractor)
+    # The samples stay one uint8 array (50k at 256 px: 9.8 GB); only chunks become float.
+    with np.load(paths.samples_dir / "samples.npz") as data:
+        images, labels = data["images"], data["labels"]
+    m = sample_metrics(images, labels, extractor, ref, clf, cfg.evaluate.pr_k,
+                       logits=cfg.evaluate.extractor == "inception")
+    del images  # 9.8 GB at ImageNet scale, not needed for the decoder's metrics
+    m |= reconstruction_metrics(paths.dataset(cfg.data.root), cfg.data.resolution, extractor,
+                                reconstructor(cfg, paths, cfg.evaluate.batch_size), clf)
+    curve = fid_curve(cfg, paths, extractor, ref.stats)
     if curve:
         write_json(paths.evaluate_dir / "fid_curve.json", curve)
         plot_curve(curve, extractor.name, paths.evaluate_dir / "fid_vs_step.png")

@@ -15,6 +15,7 @@ from rae_core.metrics import (
     DomainExtractor,
     FeatureStats,
     InceptionExtractor,
+    StatsAccumulator,
     class_accuracy,
     classifier_id,
     compute_reference_stats,
@@ -108,6 +109,61 @@ def test_feature_stats_round_trip(tmp_path):
     np.testing.assert_array_equal(back.mu, stats.mu)
     np.testing.assert_array_equal(back.sigma, stats.sigma)
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def uneven_chunks(feats: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    bounds = np.cumsum([0, *sizes])
+    assert bounds[-1] == len(feats)
+    return [feats[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def test_streamed_stats_equal_the_direct_computation():
+    rng = np.random.default_rng(10)
+    # A large common offset: naive sums of outer products would cancel away the covariance.
+    feats = 1e4 + rng.normal(size=(240, 7)) @ rng.normal(size=(7, 7))
+    other = rng.normal(0.5, 2.0, size=(180, 7))
+    acc = StatsAccumulator("x")
+    for part in uneven_chunks(feats, [1, 0, 97, 2, 13, 127]):
+        acc.update(part)
+    streamed = acc.stats()
+    assert streamed.n == 240 and streamed.extractor == "x"
+    np.testing.assert_allclose(streamed.mu, feats.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(streamed.sigma, np.cov(feats, rowvar=False), rtol=1e-9,
+                               atol=1e-12)
+    np.testing.assert_array_equal(streamed.sigma, streamed.sigma.T)
+    fid = frechet_distance(streamed, StatsAccumulator("x").update(other).stats())
+    assert fid == pytest.approx(fid_from_features(feats, other), rel=1e-9)
+
+
+def test_merged_accumulators_equal_one_over_everything():
+    feats = np.random.default_rng(11).normal(3.0, 1.0, size=(300, 5))
+    whole = StatsAccumulator("x").update(feats).stats()
+    a, b = StatsAccumulator("x"), StatsAccumulator("x")
+    for part in uneven_chunks(feats[:110], [60, 50]):
+        a.update(part)
+    b.update(feats[110:])
+    merged = a.merge(b).merge(StatsAccumulator("x")).stats()  # merging an empty one: no-op
+    assert merged.n == 300
+    np.testing.assert_allclose(merged.mu, whole.mu, rtol=1e-13)
+    np.testing.assert_allclose(merged.sigma, whole.sigma, rtol=1e-10, atol=1e-13)
+    into_empty = StatsAccumulator("x").merge(b).stats()
+    np.testing.assert_allclose(into_empty.sigma, np.cov(feats[110:], rowvar=False), rtol=1e-12)
+    assert b.n == 190  # merging left the merged-in accumulator untouched
+    with pytest.raises(DataError):
+        a.merge(StatsAccumulator("y"))
+    with pytest.raises(ValueError):
+        StatsAccumulator("x").stats()
+    with pytest.raises(ValueError):
+        StatsAccumulator("x").update(feats).update(feats[:, :3])
+
+
+def test_feature_stats_save_keeps_extra_arrays(tmp_path):
+    stats = FeatureStats.from_features(np.random.default_rng(12).normal(size=(20, 3)), "x")
+    extra = np.arange(6.0).reshape(2, 3)
+    path = stats.save(tmp_path / "ref.npz", subset=extra)
+    assert FeatureStats.load(path).n == 20
+    with np.load(path) as z:
+        np.testing.assert_array_equal(z["subset"], extra)
 
 
 class CountingExtractor:

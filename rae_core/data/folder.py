@@ -8,6 +8,7 @@ resolution.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,12 +144,30 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255), \
             self.index.labels[i]
 
+    def chunks(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The split in file order, `size` images at a time: images (n, 3, R, R) in [0, 1] and
+        labels (n,). Memory is bounded by `size`, not by the split (ImageNet's train split is
+        ~1 TB as float32 at 256 px)."""
+        if size < 1:
+            raise ValueError(f"chunk size must be at least 1, got {size}")
+        for start in range(0, len(self), size):
+            stop = min(start + size, len(self))
+            yield (torch.stack([self[i][0] for i in range(start, stop)]),
+                   torch.tensor(self.index.labels[start:stop], dtype=torch.long))
+
 
 def load_split(root: str | Path, split: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole (small) split in memory: images (N, 3, R, R) in [0, 1] and labels (N,)."""
     ds = ImageFolderDataset(root, split, resolution)
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     return images, torch.tensor(ds.index.labels, dtype=torch.long)
+
+
+def iter_split(root: str | Path, split: str, resolution: int,
+               chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A split of any size streamed in chunks of `chunk` images, in file order (see
+    ImageFolderDataset.chunks); the folder is scanned at once, so layout errors raise here."""
+    return ImageFolderDataset(root, split, resolution).chunks(chunk)
 
 
 class ImageSource:

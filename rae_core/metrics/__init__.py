@@ -21,6 +21,7 @@ from rae_core.metrics.features import (
 )
 from rae_core.metrics.fid import (
     FeatureStats,
+    StatsAccumulator,
     compute_reference_stats,
     fid_from_features,
     frechet_distance,
@@ -37,6 +38,7 @@ __all__ = [
     "FeatureExtractor",
     "FeatureStats",
     "InceptionExtractor",
+    "StatsAccumulator",
     "class_accuracy",
     "classifier_id",
     "compute_reference_stats",

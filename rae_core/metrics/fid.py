@@ -32,21 +32,17 @@ class FeatureStats:
 
     @classmethod
     def from_features(cls, feats: np.ndarray, extractor: str = "unnamed") -> FeatureStats:
-        feats = np.asarray(feats, dtype=np.float64)
-        n, d = feats.shape
-        if n <= d:
-            log.warning("FID statistics from %d samples of %d-d features (%s): the covariance is "
-                        "rank-deficient and the FID biased; use more than %d samples",
-                        n, d, extractor, d)
-        return cls(feats.mean(axis=0), np.cov(feats, rowvar=False).reshape(d, d), n, extractor)
+        return StatsAccumulator(extractor).update(feats).stats()
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write as .npz atomically."""
+    def save(self, path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+        """Write as .npz atomically, with any extra named `arrays` beside the statistics (load
+        reads the statistics only)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:  # a file object stops numpy from appending ".npz"
-            np.savez(f, mu=self.mu, sigma=self.sigma, n=self.n, extractor=self.extractor)
+            np.savez(f, mu=self.mu, sigma=self.sigma, n=self.n, extractor=self.extractor,
+                     **arrays)
         os.replace(tmp, path)
         return path
 
@@ -58,6 +54,65 @@ class FeatureStats:
                             f"compute_reference_stats")
         with np.load(path, allow_pickle=False) as z:
             return cls(z["mu"], z["sigma"], int(z["n"]), str(z["extractor"]))
+
+
+class StatsAccumulator:
+    """FeatureStats of features that arrive in chunks, in O(d^2) memory whatever their number.
+
+    Each chunk's mean and centred scatter matrix (float64) are merged with Chan et al.'s
+    pairwise update rather than summing raw outer products, whose difference from n mu mu^T
+    cancels badly when features have large means. The result equals the statistics of all
+    features concatenated, up to float rounding, whatever the chunking; accumulators of disjoint
+    parts (e.g. of parallel workers) merge the same way.
+    """
+
+    def __init__(self, extractor: str = "unnamed"):
+        self.extractor = extractor
+        self.n = 0
+        self._mean: np.ndarray | None = None
+        self._scatter: np.ndarray | None = None  # sum of outer products of deviations
+
+    def update(self, feats: np.ndarray) -> StatsAccumulator:
+        feats = np.asarray(feats, dtype=np.float64)
+        if feats.ndim != 2:
+            raise ValueError(f"features must be (n, d), got shape {feats.shape}")
+        if len(feats) == 0:
+            return self
+        mean = feats.mean(axis=0)
+        centred = feats - mean
+        return self._add(len(feats), mean, centred.T @ centred)
+
+    def merge(self, other: StatsAccumulator) -> StatsAccumulator:
+        if other.extractor != self.extractor:
+            raise DataError(f"cannot merge FID statistics of extractor '{other.extractor}' into "
+                            f"'{self.extractor}'")
+        return self._add(other.n, other._mean, other._scatter) if other.n else self
+
+    def _add(self, n: int, mean: np.ndarray, scatter: np.ndarray) -> StatsAccumulator:
+        if self.n == 0:
+            self.n, self._mean, self._scatter = n, mean, scatter
+            return self
+        if mean.shape != self._mean.shape:
+            raise ValueError(f"features of dimension {mean.shape[0]} added to statistics of "
+                             f"dimension {self._mean.shape[0]}")
+        total = self.n + n
+        delta = mean - self._mean
+        # No in-place updates: a merged accumulator's arrays may be shared with another one.
+        self._scatter = self._scatter + scatter + np.outer(delta, delta) * (self.n * n / total)
+        self._mean = self._mean + delta * (n / total)
+        self.n = total
+        return self
+
+    def stats(self) -> FeatureStats:
+        """Mean and covariance (ddof = 1) of everything added so far."""
+        if self.n == 0:
+            raise ValueError(f"no features accumulated for extractor {self.extractor}")
+        d = len(self._mean)
+        if self.n <= d:
+            log.warning("FID statistics from %d samples of %d-d features (%s): the covariance is "
+                        "rank-deficient and the FID biased; use more than %d samples",
+                        self.n, d, self.extractor, d)
+        return FeatureStats(self._mean, self._scatter / (self.n - 1), self.n, self.extractor)
 
 
 def _psd_sqrt(m: np.ndarray) -> np.ndarray:
