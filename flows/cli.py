@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the whole pipeline as one Prefect flow")
     _config_args(run)
     run.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
+    ab = sub.add_parser("ablate", help="the paper's key ablations at small scale, with a report")
+    _config_args(ab)
     st = sub.add_parser("stage", help="one stage (what dvc.yaml calls)")
     st.add_argument("stage", choices=STAGE_NAMES)
     _config_args(st)
@@ -40,6 +42,10 @@ def parser() -> argparse.ArgumentParser:
     lb.add_argument("--format", choices=["table", "json", "md"], default="table")
     lb.add_argument("--experiment", default="rae")
     sub.add_parser("models", help="registered model configs with parameter counts")
+    rp = sub.add_parser("reproduce", help="re-run a pinned preset from scratch and compare "
+                        "its metrics with the recorded baseline (fails on drift)")
+    rp.add_argument("--preset", default="smoke", help="the pinned preset (default: smoke)")
+    rp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sv = sub.add_parser("serve", help="serve the scheduled deployments")
     _config_args(sv)
     ui = sub.add_parser("ui", help="MLflow UI on 127.0.0.1")
@@ -101,20 +107,40 @@ def _dispatch(args, root: Path) -> int:
         os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri",
                              os.environ["MLFLOW_TRACKING_URI"], "--host", args.host,
                              "--port", str(args.port)])
+    if args.command == "reproduce":
+        from rae_core.presets import load_config
+
+        load_config(None, args.preset, args.overrides)  # a bad preset or key fails here, fast
+        from flows.reproduce import reproduce_flow
+
+        reproduce_flow(args.preset, str(root), args.overrides)
+        return 0
     cfg = _load(args)
     if args.command == "serve":
         from flows.scheduled import serve
 
         serve(cfg, root)
         return 0
-    t0 = time.time()
-    from flows.pipeline import pipeline_flow, stage_flow
+    if args.command == "ablate":
+        from rae_core.ablation import make_plan
 
-    logging.getLogger(__name__).info("rae: imports took %.1f s", time.time() - t0)
-    if args.command == "run":
-        pipeline_flow(cfg.to_dict(), str(root), args.until)
-    else:
-        stage_flow(args.stage, cfg.to_dict(), str(root))
+        make_plan(cfg)  # every arm's configuration is validated before anything starts
+        from flows.ablate import ablate_flow
+
+        print(f"wrote {ablate_flow(cfg.to_dict(), str(root))}")
+        return 0
+    from rae_core.locking import project_lock
+
+    what = "rae run" if args.command == "run" else f"rae stage {args.stage}"
+    with project_lock(root, what):  # refuse a second writer before the slow imports
+        t0 = time.time()
+        from flows.pipeline import pipeline_flow, stage_flow
+
+        logging.getLogger(__name__).info("rae: imports took %.1f s", time.time() - t0)
+        if args.command == "run":
+            pipeline_flow(cfg.to_dict(), str(root), args.until)
+        else:
+            stage_flow(args.stage, cfg.to_dict(), str(root))
     return 0
 
 

@@ -126,7 +126,7 @@ class DiTConfig:
     grad_clip: float = _f(1.0, 0.0)
     time_dist: Literal["logit_normal", "uniform"] = "logit_normal"
     shift_base: float = _f(4096.0, 1.0)
-    shift: float | None = None  # explicit shift; None = sqrt(tokens * channels / shift_base)
+    shift: float | None = _f(None, 0.0, lo_open=True)  # None = sqrt(tokens * channels / base)
     label_dropout: float = _f(0.1, 0.0, 1.0)
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False

@@ -35,6 +35,7 @@ def test_imagenet_presets_carry_the_paper_settings():
     ("dit.lr=-1", ["dit.lr", "-1", "range"]),
     ("sample.guidance=strong", ["sample.guidance", "'strong'", "'cfg'"]),
     ("dit.ema=1.5", ["dit.ema", "1.5", "[0.0, 1.0]"]),
+    ("dit.shift=-1", ["dit.shift", "-1.0", "(0.0, inf]"]),
     ("nosuch=1", ["nosuch", "valid keys"]),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_valid(override, names):
