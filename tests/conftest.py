@@ -121,3 +121,17 @@ def _wait_for_ray(address: str, env: dict, proc: subprocess.Popen, log: Path) ->
             return
         time.sleep(2)
     pytest.fail(f"ray head at {address} did not answer:\n{log.read_text()[-2000:]}")
+
+
+@pytest.fixture
+def local_mlflow(tmp_path, monkeypatch):
+    """A SQLite MLflow store of the test's own; the process-wide tracking URI (which another
+    test may have pointed at a server) is restored afterwards."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield mlflow
+    mlflow.set_tracking_uri(previous)

@@ -114,18 +114,14 @@ def _lock_in_another_process(root: Path) -> None:
         raise ProjectBusyError(res.stderr.strip().splitlines()[-1])
 
 
-def test_a_failed_stage_marks_its_mlflow_run_failed_with_the_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    import mlflow
-
+def test_a_failed_stage_marks_its_mlflow_run_failed_with_the_line(tmp_path, local_mlflow):
     from flows.pipeline import one_line, run_stage
 
     cfg = load_config(None, "smoke", ["data.dataset=folder", "data.source=nowhere"])
     with pytest.raises(DataError) as err:
         run_stage("prepare", cfg, Paths.at(tmp_path), None)
     assert "nowhere/train: dataset folder not found" in str(err.value)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = mlflow.search_runs(experiment_names=["rae"], output_format="list")
+    (run,) = local_mlflow.search_runs(experiment_names=["rae"], output_format="list")
     assert run.info.status == "FAILED"
     assert run.data.tags["rae.error"] == one_line(err.value) == str(err.value)
 

@@ -33,10 +33,9 @@ def harness():
         yield
 
 
-def test_reproduce_flow_records_a_baseline_then_flags_drift(tmp_path, monkeypatch, harness):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    import mlflow
-
+def test_reproduce_flow_records_a_baseline_then_flags_drift(tmp_path, monkeypatch, harness,
+                                                            local_mlflow):
+    mlflow = local_mlflow
     from flows import reproduce
 
     metrics = {"fid": 12.0, "precision": 0.7, "recall": 0.6, "class_accuracy": 0.9}
@@ -62,7 +61,6 @@ def test_reproduce_flow_records_a_baseline_then_flags_drift(tmp_path, monkeypatc
         state.result()
     assert len(runs_seen) == 3
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["rae-reproduce"], output_format="list",
                               order_by=["attributes.start_time ASC"])
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED", "FAILED"]
