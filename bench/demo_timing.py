@@ -42,13 +42,18 @@ def one_run(preset: str | None) -> dict:
                                        filter_string="tags.`rae.kind` = 'pipeline'")
         m = parent.data.metrics
         ev = json.loads((proj / "runs" / "evaluate" / "metrics.json").read_text())
+        stages = mlflow.search_runs(experiment_names=["rae"], output_format="list",
+                                    filter_string=f"tags.`mlflow.parentRunId` = "
+                                                  f"'{parent.info.run_id}'")
+        stage_s = {r.data.tags.get("rae.stage", r.info.run_name):
+                   round((r.info.end_time - r.info.start_time) / 1e3, 1) for r in stages}
         startup = m["pipeline.prefect_startup_s"] + m["pipeline.ray_startup_s"] + \
             m["pipeline.tracking_s"]
         return {"wall_s": wall, "prefect_startup_s": m["pipeline.prefect_startup_s"],
                 "ray_startup_s": m["pipeline.ray_startup_s"],
                 "mlflow_s": m["pipeline.tracking_s"], "startup_share": startup / wall,
                 "fid": ev["fid"], "class_accuracy": ev.get("class_accuracy"),
-                "recon_psnr": ev["recon_psnr"]}
+                "recon_psnr": ev["recon_psnr"], "stage_s": stage_s}
 
 
 def main() -> None:

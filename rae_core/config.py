@@ -113,13 +113,13 @@ class DiTConfig:
     hidden: int | None = _f(None, 1)  # overrides of the registered config (ablations)
     depth: int | None = _f(None, 1)
     heads: int | None = _f(None, 1)
-    steps: int = _f(1500, 1)
+    steps: int = _f(800, 1)
     batch_size: int = _f(128, 1)  # global batch, split across workers and accumulation steps
     grad_accum: int = _f(1, 1)
-    lr: float = _f(1e-3, 0.0, lo_open=True)
+    lr: float = _f(2e-3, 0.0, lo_open=True)
     min_lr: float = _f(1e-4, 0.0)
     warmup_steps: int = _f(100, 0)
-    decay_start_step: int = _f(750, 0)  # constant lr until here, then linear decay to min_lr
+    decay_start_step: int = _f(400, 0)  # constant lr until here, then linear decay to min_lr
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = _f(0.0, 0.0)
     ema: float = _f(0.995, 0.0, 1.0)
@@ -131,8 +131,8 @@ class DiTConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     latents: Literal["shards", "online"] = "shards"
-    sample_every: int = _f(750, 1)
-    ckpt_every: int = _f(250, 1)
+    sample_every: int = _f(400, 1)
+    ckpt_every: int = _f(200, 1)
 
     def overrides(self) -> dict[str, int]:
         """The registered model config's width/depth/heads replaced where params set them."""
@@ -168,7 +168,7 @@ class EvaluateConfig:
 class RayConfig:
     num_workers: int = _f(1, 1)
     use_gpu: bool = False
-    cpus_per_worker: int = _f(2, 1)
+    cpus_per_worker: int = _f(1, 1)
 
 
 @dataclass

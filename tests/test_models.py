@@ -14,6 +14,7 @@ from rae_core.models import (
     build_model,
     check_width,
     count_params,
+    get_config,
     model_flops_per_image,
 )
 from rae_core.models.blocks import LabelEmbedder, RoPE2D
@@ -123,6 +124,17 @@ def test_label_dropout_only_in_training_mode():
     assert torch.equal(forced, emb.table(torch.stack([torch.tensor(10), y[1], torch.tensor(10), y[3]])))
     model = build_model("DiT-micro", 64, 4, 10, label_dropout=0.3).eval()
     assert not model.body.y_embed.training and model.body.y_embed.dropout == 0.3
+
+
+def test_class_table_scale_follows_the_registered_config():
+    # paper models keep DiT's 0.02; the CPU configs start from a unit-scale table
+    assert {get_config(n).label_std for n in ("DiT-S", "DiT-XL", "DiTDH-S", "DiTDH-XL")} == {0.02}
+    torch.manual_seed(0)
+    for name in ("DiT-tiny", "DiTDH-tiny", "DiT-micro", "DiTDH-micro"):
+        table = build_model(name, 64, 4, 10).body.y_embed.table.weight
+        assert table.std().item() == pytest.approx(1.0, rel=0.1), name
+    small = build_model("DiT-micro", 64, 4, 10, label_std=0.02).body.y_embed.table.weight
+    assert small.std().item() == pytest.approx(0.02, rel=0.1)
 
 
 def test_rope_depends_only_on_relative_position():

@@ -40,12 +40,12 @@ class DiTBody(nn.Module):
 
     def __init__(self, in_channels: int, grid_size: int, num_classes: int, hidden: int,
                  depth: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
-                 label_dropout: float = 0.1):
+                 label_dropout: float = 0.1, label_std: float = 0.02):
         super().__init__()
         self.x_embed = xavier_linear(nn.Linear(in_channels, hidden))  # 1x1 patch embedding
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, grid_size), persistent=False)
         self.t_embed = TimestepEmbedder(hidden)
-        self.y_embed = LabelEmbedder(num_classes, hidden, label_dropout)
+        self.y_embed = LabelEmbedder(num_classes, hidden, label_dropout, label_std)
         self.rope = RoPE2D(hidden // heads, grid_size)
         self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, qk_norm) for _ in range(depth))
 
@@ -63,11 +63,11 @@ class DiTBody(nn.Module):
 class DiT(nn.Module):
     def __init__(self, in_channels: int, grid_size: int, num_classes: int, hidden: int,
                  depth: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
-                 label_dropout: float = 0.1):
+                 label_dropout: float = 0.1, label_std: float = 0.02):
         super().__init__()
         self.in_channels, self.grid_size, self.num_classes = in_channels, grid_size, num_classes
         self.body = DiTBody(in_channels, grid_size, num_classes, hidden, depth, heads, mlp_ratio,
-                            qk_norm, label_dropout)
+                            qk_norm, label_dropout, label_std)
         self.final = FinalLayer(hidden, in_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,

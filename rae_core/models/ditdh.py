@@ -20,11 +20,12 @@ from rae_core.models.dit import DiTBody, to_latent, to_tokens
 class DiTDH(nn.Module):
     def __init__(self, in_channels: int, grid_size: int, num_classes: int, hidden: int,
                  depth: int, heads: int, head_hidden: int, head_depth: int, head_heads: int,
-                 mlp_ratio: float = 4.0, qk_norm: bool = False, label_dropout: float = 0.1):
+                 mlp_ratio: float = 4.0, qk_norm: bool = False, label_dropout: float = 0.1,
+                 label_std: float = 0.02):
         super().__init__()
         self.in_channels, self.grid_size, self.num_classes = in_channels, grid_size, num_classes
         self.body = DiTBody(in_channels, grid_size, num_classes, hidden, depth, heads, mlp_ratio,
-                            qk_norm, label_dropout)
+                            qk_norm, label_dropout, label_std)
         # as the reference: no projection when body and head are equally wide
         self.s_proj = xavier_linear(nn.Linear(hidden, head_hidden)) if hidden != head_hidden \
             else nn.Identity()
