@@ -53,7 +53,8 @@ def one_run(preset: str | None) -> dict:
                 "ray_startup_s": m["pipeline.ray_startup_s"],
                 "mlflow_s": m["pipeline.tracking_s"], "startup_share": startup / wall,
                 "fid": ev["fid"], "class_accuracy": ev.get("class_accuracy"),
-                "recon_psnr": ev["recon_psnr"], "stage_s": stage_s}
+                "recon_psnr": ev["recon_psnr"],
+                "classifier_val_accuracy": ev.get("classifier_val_accuracy"), "stage_s": stage_s}
 
 
 def main() -> None:
