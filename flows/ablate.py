@@ -27,7 +27,6 @@ from rae_core.config import Config, from_dict
 from rae_core.errors import RaeError
 from rae_core.locking import project_lock
 from rae_core.paths import Paths
-from rae_core.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +47,6 @@ def _link(target: Path, link: Path) -> None:
     link.parent.mkdir(parents=True, exist_ok=True)
     link.unlink(missing_ok=True)
     link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=target.is_dir())
-
-
-def _train(name: str, cfg: Config, paths: Paths, parent: str) -> None:
-    """A training stage as run_stage runs it, minus model registration: ablation arms are
-    experiments, not candidates for the registry and its champion alias."""
-    run_id = tracking.start_run(cfg, paths.root, name, parent, tags={"rae.stage": name})
-    t0 = time.time()
-    try:
-        with tracking.MetricsForwarder(run_id, paths.metrics_log(name)):
-            out = dict(STAGES[name](cfg, paths))
-        tracking.log_numbers(run_id, {**out, "wall_s": time.time() - t0}, prefix="stage.")
-    except BaseException as e:
-        tracking.end_run(run_id, "FAILED", one_line(e))
-        raise
-    tracking.end_run(run_id)
 
 
 def _yardstick(cfg: Config, paths: Paths) -> None:
@@ -138,10 +122,8 @@ def arm_task(preset: str, arm: ablation.Arm, cfg_dict: dict, yardstick_seed: int
             numbers.update(out)
         else:
             for name in arm.stages:
-                if name.startswith("train-"):
-                    _train(name, cfg, paths, run_id)
-                elif name == "sample":
-                    run_stage(name, cfg, paths, run_id)
+                if name.startswith("train-") or name == "sample":
+                    run_stage(name, cfg, paths, run_id, register=False)
                 else:
                     # evaluate keys its classifier and reference features by the seed: every
                     # arm and seed is scored with the same ones, the base seed's

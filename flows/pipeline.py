@@ -92,8 +92,11 @@ def _after_stage(name: str, cfg: Config, paths: Paths, run_id: str, out: dict) -
             crown_champion(cfg.tracking.experiment, registered_name(cfg, "generator"), group)
 
 
-def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None) -> dict:
-    """One stage inside its MLflow run; a failure marks the run FAILED with the one-line reason."""
+def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
+              register: bool = True) -> dict:
+    """One stage inside its MLflow run; a failure marks the run FAILED with the one-line reason.
+    `register=False` leaves a training stage's model out of the registry (ablation arms are
+    experiments, not candidates for the champion alias)."""
     t_track = time.time()
     run_id = tracking.start_run(cfg, paths.root, name, parent, tags={"rae.stage": name})
     t0 = time.time()
@@ -107,7 +110,8 @@ def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None) -> dict:
             out["startup_s"] = fwd.first_time - t0
         # Evaluation metrics keep their plain names: the leaderboard sorts on `fid`.
         tracking.log_numbers(run_id, out, prefix="" if name == "evaluate" else "stage.")
-        _after_stage(name, cfg, paths, run_id, out)
+        if register or not name.startswith("train-"):
+            _after_stage(name, cfg, paths, run_id, out)
         out["tracking_s"] = (t0 - t_track) + (time.time() - t1)
     except BaseException as e:
         tracking.end_run(run_id, "FAILED", one_line(e))
