@@ -43,9 +43,8 @@ def registered_name(cfg: Config, kind: str) -> str:
     return f"rae-{kind}-{tags['rae.dataset']}-{cfg.data.resolution}"
 
 
-def _after_stage(name: str, cfg: Config, paths: Paths, run_id: str, out: dict) -> None:
-    """Artifacts and registered models of a finished stage."""
-    c = tracking.client()
+def _register_model(name: str, cfg: Config, paths: Paths, run_id: str) -> None:
+    """Register the model a training stage produced (other stages produce none)."""
     if name == "train-decoder":
         from rae_core.autoencoder import load_decoder, load_encoder
 
@@ -53,7 +52,7 @@ def _after_stage(name: str, cfg: Config, paths: Paths, run_id: str, out: dict) -
         version = tracking.register(run_id, load_decoder(cfg, paths, enc),
                                     registered_name(cfg, "decoder"),
                                     {"preset": cfg.preset, "encoder": cfg.encoder.name})
-        c.set_tag(run_id, "rae.registered_version", version)
+        tracking.client().set_tag(run_id, "rae.registered_version", version)
     elif name == "train-dit":
         from rae_core.autoencoder import load_encoder
         from rae_core.generate import load_generator
@@ -64,8 +63,13 @@ def _after_stage(name: str, cfg: Config, paths: Paths, run_id: str, out: dict) -
                                     {"preset": cfg.preset, "model": cfg.dit.model})
         (paths.dit_dir / "registered.json").write_text(json.dumps(
             {"name": registered_name(cfg, "generator"), "version": version}))
-        c.set_tag(run_id, "rae.registered_version", version)
-    elif name == "sample":
+        tracking.client().set_tag(run_id, "rae.registered_version", version)
+
+
+def _after_stage(name: str, cfg: Config, paths: Paths, run_id: str, out: dict) -> None:
+    """Artifacts of a finished stage, and the leaderboard's champion after an evaluation."""
+    c = tracking.client()
+    if name == "sample":
         c.log_artifact(run_id, str(paths.samples_dir / "grid.png"), artifact_path="images")
     elif name == "evaluate":
         from flows.leaderboard import crown_champion
@@ -110,8 +114,9 @@ def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
             out["startup_s"] = fwd.first_time - t0
         # Evaluation metrics keep their plain names: the leaderboard sorts on `fid`.
         tracking.log_numbers(run_id, out, prefix="" if name == "evaluate" else "stage.")
-        if register or not name.startswith("train-"):
-            _after_stage(name, cfg, paths, run_id, out)
+        if register:
+            _register_model(name, cfg, paths, run_id)
+        _after_stage(name, cfg, paths, run_id, out)
         out["tracking_s"] = (t0 - t_track) + (time.time() - t1)
     except BaseException as e:
         tracking.end_run(run_id, "FAILED", one_line(e))
