@@ -91,7 +91,7 @@ def _prepare_root(preset: str, arm: ablation.Arm, seed: int, root: str) -> Paths
         if (shared / rel).exists():
             _link(shared / rel, paths.root / rel)
     _link(Paths.at(top / SHARED).reference_dir, paths.reference_dir)
-    for source, rel in ((arm.decoder_from, "models/decoder"), (arm.dit_from, "models/dit")):
+    for source, rel in ((arm.decoder_from, "models/decoder"), (arm.generator_from, "models/generator")):
         if source is not None:
             _link(top / f"{source}-s{seed}" / rel, paths.root / rel)
     return paths
@@ -106,7 +106,7 @@ def arm_task(preset: str, arm: ablation.Arm, cfg_dict: dict, yardstick_seed: int
     paths = _prepare_root(preset, arm, cfg.seed, root)
     tags = {"rae.ablation": ",".join(arm.ablations), "rae.arm": arm.name,
             "rae.seed": str(cfg.seed), "rae.description": arm.description}
-    for source, what in ((arm.decoder_from, "decoder"), (arm.dit_from, "dit")):
+    for source, what in ((arm.decoder_from, "decoder"), (arm.generator_from, "generator")):
         if source is not None:
             tags[f"rae.{what}_from"] = f"{source}-s{cfg.seed}"
     run_id = tracking.start_run(cfg, Paths.at(root).root, f"{arm.name}-s{cfg.seed}", parent,
@@ -189,11 +189,11 @@ def _ablate(plan: ablation.Plan, root: str) -> str:
         # holds its thread, so every arm's sources are running or done before it starts.
         # The cheap in-process overfits come last, to fill the lane that frees first.
         order = sorted(plan.arms, key=lambda a: (a.overfit, a.decoder_from is not None or
-                                                 a.dit_from is not None))
+                                                 a.generator_from is not None))
         futures = {}
         for seed in plan.seeds:
             for arm in order:
-                sources = [futures[s, seed] for s in (arm.decoder_from, arm.dit_from) if s]
+                sources = [futures[s, seed] for s in (arm.decoder_from, arm.generator_from) if s]
                 futures[arm.name, seed] = arm_task.with_options(name=f"{arm.name}-s{seed}").submit(
                     plan.preset, arm, arm.config(plan.base, seed), plan.seeds[0], root, parent,
                     wait_for=sources)

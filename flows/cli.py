@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rae_core.errors import ConfigError, RaeError
 
-STAGE_NAMES = ["prepare", "pretrain-encoder", "stats", "extract", "train-decoder", "train-dit",
+STAGE_NAMES = ["prepare", "pretrain-encoder", "stats", "extract", "train-decoder", "train-generator",
                "sample", "evaluate"]
 
 
@@ -20,7 +20,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="smoke | tiny | imagenet256 | imagenet512 "
                    "(default: params.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one parameter, e.g. --set dit.steps=500 (repeatable)")
+                   help="override one parameter, e.g. --set generator.steps=500 (repeatable)")
     p.add_argument("--params", default="params.yaml", help="the active configuration file")
 
 

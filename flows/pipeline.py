@@ -32,8 +32,8 @@ def _group_tags(cfg: Config) -> dict[str, str]:
             Path(cfg.data.source or cfg.data.root).name,
             "rae.resolution": str(cfg.data.resolution), "rae.extractor": "",
             "rae.num_samples": str(s.num_per_class * cfg.data.num_classes),
-            "rae.model": cfg.dit.model, "rae.encoder": cfg.encoder.name,
-            "rae.decoder": cfg.decoder.model, "rae.steps": str(cfg.dit.steps),
+            "rae.model": cfg.generator.model, "rae.encoder": cfg.encoder.name,
+            "rae.decoder": cfg.decoder.model, "rae.steps": str(cfg.generator.steps),
             "rae.sampler": s.sampler, "rae.sampling_steps": str(s.steps),
             "rae.guidance": s.guidance, "rae.scale": str(s.scale if s.guidance != "none" else 0)}
 
@@ -53,15 +53,15 @@ def _register_model(name: str, cfg: Config, paths: Paths, run_id: str) -> None:
                                     registered_name(cfg, "decoder"),
                                     {"preset": cfg.preset, "encoder": cfg.encoder.name})
         tracking.client().set_tag(run_id, "rae.registered_version", version)
-    elif name == "train-dit":
+    elif name == "train-generator":
         from rae_core.autoencoder import load_encoder
-        from rae_core.generate import load_generator
+        from rae_core.generator import load_generator
 
         shape = load_encoder(cfg, paths).latent_shape
-        model = load_generator(paths.dit_dir / "ema.pt", shape, cfg.data.num_classes)
+        model = load_generator(paths.generator_dir / "ema.pt", shape, cfg.data.num_classes)
         version = tracking.register(run_id, model, registered_name(cfg, "generator"),
-                                    {"preset": cfg.preset, "model": cfg.dit.model})
-        (paths.dit_dir / "registered.json").write_text(json.dumps(
+                                    {"preset": cfg.preset, "model": cfg.generator.model})
+        (paths.generator_dir / "registered.json").write_text(json.dumps(
             {"name": registered_name(cfg, "generator"), "version": version}))
         tracking.client().set_tag(run_id, "rae.registered_version", version)
 
@@ -77,7 +77,7 @@ def _after_stage(name: str, cfg: Config, paths: Paths, run_id: str, out: dict) -
         tags = _group_tags(cfg)
         tags["rae.extractor"] = str(out.get("extractor", ""))
         tags["rae.kind"] = tracking.EVAL_KIND
-        reg = paths.dit_dir / "registered.json"
+        reg = paths.generator_dir / "registered.json"
         if reg.exists():
             tags["rae.generator_version"] = json.loads(reg.read_text())["version"]
         for k, v in tags.items():
@@ -145,7 +145,7 @@ def stage_task(name: str, cfg_dict: dict, root: str, parent: str | None) -> dict
 
 @flow(name="rae-pipeline")
 def pipeline_flow(cfg_dict: dict, root: str, until: str | None = None) -> dict:
-    """prepare -> pretrain-encoder -> stats -> extract -> train-decoder -> train-dit -> sample
+    """prepare -> pretrain-encoder -> stats -> extract -> train-decoder -> train-generator -> sample
     -> evaluate, one task each, under one parent MLflow run."""
     with project_lock(root, "rae run"):
         return _pipeline(from_dict(cfg_dict), Paths.at(root), cfg_dict, root, until)

@@ -31,7 +31,7 @@ from rae_core.train.common import write_json
 log = logging.getLogger(__name__)
 KIND = "reproduce"
 # what decides the numbers; schedules, tracking and the Ray layout do not
-RESULT_SECTIONS = ("seed", "data", "encoder", "stats", "extract", "decoder", "dit", "sample",
+RESULT_SECTIONS = ("seed", "data", "encoder", "stats", "extract", "decoder", "generator", "sample",
                    "evaluate")
 
 

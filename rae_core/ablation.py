@@ -139,7 +139,7 @@ class Arm:
     batch: int
     latents: Literal["rae", "pixels"] = "rae"
     decoder_from: str | None = None  # None: trains its own decoder; else reuses this arm's
-    dit_from: str | None = None  # None: trains its own DiT; else reuses this arm's
+    generator_from: str | None = None  # None: trains its own DiT; else reuses this arm's
     overfit: bool = False  # (a): single-sample overfitting instead of the pipeline stages
 
     @property
@@ -151,7 +151,7 @@ class Arm:
         if self.overfit:
             return ()
         own = (("train-decoder",) if self.decoder_from is None else ()) + \
-            (("train-dit",) if self.dit_from is None else ())
+            (("train-generator",) if self.generator_from is None else ())
         return own + ("sample", "evaluate")
 
     def config(self, base: dict, seed: int) -> dict:
@@ -190,10 +190,10 @@ class Plan:
 def _schedule(cfg: Config, steps: int) -> dict[str, Any]:
     """The DiT's step counts with warmup and decay at the preset's fractions of training; one
     checkpoint and preview grid at the end (no FID curve: evaluate scores the final model)."""
-    d = cfg.dit
-    return {"dit.steps": steps, "dit.warmup_steps": round(d.warmup_steps * steps / d.steps),
-            "dit.decay_start_step": round(d.decay_start_step * steps / d.steps),
-            "dit.ckpt_every": steps, "dit.sample_every": steps}
+    d = cfg.generator
+    return {"generator.steps": steps, "generator.warmup_steps": round(d.warmup_steps * steps / d.steps),
+            "generator.decay_start_step": round(d.decay_start_step * steps / d.steps),
+            "generator.ckpt_every": steps, "generator.sample_every": steps}
 
 
 def make_plan(cfg: Config) -> Plan:
@@ -208,11 +208,11 @@ def make_plan(cfg: Config) -> Plan:
         f"sample.num_per_class={size.num_per_class}", "evaluate.curve_per_class=0"])
     rae_c, grid, _ = latent_shape(cfg)
     pix_c = latent_shape(cfg, "pixels")[0]
-    batch = cfg.dit.batch_size
-    dh = cfg.dit.model
-    dh_flops = model_flops_per_image(dh, rae_c, grid, **cfg.dit.overrides())
+    batch = cfg.generator.batch_size
+    dh = cfg.generator.model
+    dh_flops = model_flops_per_image(dh, rae_c, grid, **cfg.generator.overrides())
     budget = train_flops(dh_flops, batch, size.dit_steps)
-    shift = shift_factor(grid * grid, rae_c, cfg.dit.shift_base)
+    shift = shift_factor(grid * grid, rae_c, cfg.generator.shift_base)
 
     wide = {"hidden": size.dit_hidden}
     wide["depth"] = matched_depth(size.dit_model, rae_c, grid, dh_flops, **wide)
@@ -220,21 +220,21 @@ def make_plan(cfg: Config) -> Plan:
     pix_flops = model_flops_per_image(size.dit_model, pix_c, grid, **wide)
     dit_steps = matched_steps(budget, dit_flops, batch)
     pix_steps = matched_steps(budget, pix_flops, batch)
-    plain = {"dit.model": size.dit_model, "dit.hidden": size.dit_hidden,
-             "dit.depth": wide["depth"], "dit.heads": None}
+    plain = {"generator.model": size.dit_model, "generator.hidden": size.dit_hidden,
+             "generator.depth": wide["depth"], "generator.heads": None}
     dit_label = f"{size.dit_model} (hidden {size.dit_hidden}, depth {wide['depth']})"
 
     lane = {"ray.cpus_per_worker": max(1, cfg.ray.cpus_per_worker // LANES)}
-    reference = {"dit.shift": None, "decoder.noise_tau": 0.8, **lane,
+    reference = {"generator.shift": None, "decoder.noise_tau": 0.8, **lane,
                  **_schedule(cfg, size.dit_steps)}
     arms = [
         Arm("reference", "bcd", f"{dh}, time shift s = {shift:.3g}, decoder noise tau 0.8, "
             "RAE latents", reference, dh, dh_flops, size.dit_steps, batch),
-        Arm("no-shift", "b", f"{dh} with shift s = 1 (none)", {**reference, "dit.shift": 1.0},
+        Arm("no-shift", "b", f"{dh} with shift s = 1 (none)", {**reference, "generator.shift": 1.0},
             dh, dh_flops, size.dit_steps, batch, decoder_from="reference"),
         Arm("plain-decoder", "c", "decoder without noise augmentation (tau 0), "
             "the reference arm's DiT", {**reference, "decoder.noise_tau": 0.0}, dh, dh_flops,
-            size.dit_steps, batch, dit_from="reference"),
+            size.dit_steps, batch, generator_from="reference"),
         Arm("dit", "de", f"{dit_label} on RAE latents, FLOPs of the reference",
             {**reference, **plain, **_schedule(cfg, dit_steps)}, size.dit_model, dit_flops,
             dit_steps, batch, decoder_from="reference"),
@@ -254,8 +254,8 @@ def make_plan(cfg: Config) -> Plan:
         rel = "<" if w < rae_c else ("=" if w == rae_c else ">")
         arms.append(Arm(f"width-{w}", "a", f"{size.dit_model} hidden {w} {rel} {rae_c} latent "
                         "channels, fit to one latent",
-                        {"dit.model": size.dit_model, "dit.hidden": w, "dit.depth": None,
-                         "dit.heads": None, "dit.shift": None}, size.dit_model, w_flops[w],
+                        {"generator.model": size.dit_model, "generator.hidden": w, "generator.depth": None,
+                         "generator.heads": None, "generator.shift": None}, size.dit_model, w_flops[w],
                         steps, ob, overfit=True))
     seeds = tuple(cfg.seed + i for i in range(size.seeds))
     for arm in arms:
@@ -306,12 +306,12 @@ def overfit_one_latent(cfg: Config, paths: Paths, steps: int, batch: int) -> dic
     """
     from rae_core.autoencoder import load_encoder, load_stats, stats_identity
     from rae_core.data.latents import ShardSource
+    from rae_core.generator import latent_shift
     from rae_core.models import build_model
     from rae_core.train.common import set_lr, warmup_constant_linear
-    from rae_core.train.dit import latent_shift
     from rae_core.transport import Transport
 
-    d = cfg.dit
+    d = cfg.generator
     encoder = load_encoder(cfg, paths)
     stats = load_stats(cfg, paths, encoder)
     source = ShardSource(paths.latents_dir, stats, stats_identity(cfg, encoder), hflip=False)

@@ -1,5 +1,12 @@
-"""The representation autoencoder as the stages use it: a frozen encoder, its latent statistics
-and a decoder, all resolved from the configuration in this one place."""
+"""The autoencoder as the stages use it, resolved from `autoencoder.kind` in this one place.
+
+- `rae`: a frozen representation encoder (MAE pretrained here, DINOv2, SigLIP2, ...), exact
+  per-element latent statistics, and the ViT decoder trained by `train-decoder`.
+- `vae`: a diffusers AutoencoderKL (SD-VAE from local files, or a slim one pretrained here):
+  its posterior mean as the latent, one latent scale, and its own decoder (optionally
+  fine-tuned by `train-decoder`).
+Every stage reaches the encoder, the statistics and the decoder through these functions.
+"""
 
 from __future__ import annotations
 
@@ -16,17 +23,32 @@ SELF_PRETRAINED = ("mae-tiny", "mae-micro")
 
 
 def needs_pretraining(cfg: Config) -> bool:
-    """Encoders the platform pretrains itself when no weights file is given."""
+    """Autoencoders the platform pretrains itself when no weights are given."""
+    if cfg.autoencoder.kind == "vae":
+        return cfg.encoder.weights is None
     return cfg.encoder.name in SELF_PRETRAINED and cfg.encoder.weights is None
 
 
 def encoder_weights(cfg: Config, paths: Paths) -> str | None:
     if needs_pretraining(cfg):
-        return str(paths.encoder_dir / "encoder.pt")
+        own = paths.encoder_dir / ("vae" if cfg.autoencoder.kind == "vae" else "encoder.pt")
+        return str(own)
     return cfg.encoder.weights
 
 
+def _vae_parts(cfg: Config, paths: Paths):
+    from rae_core.vae import load_vae_parts
+
+    weights = encoder_weights(cfg, paths)
+    if needs_pretraining(cfg) and not Path(weights).exists():
+        raise DataError(f"{weights}: pretrained {cfg.encoder.name} autoencoder not found; run "
+                        "`rae stage pretrain-encoder` first or set encoder.weights")
+    return load_vae_parts(cfg.encoder.name, weights, cfg.autoencoder.config, cfg.data.resolution)
+
+
 def load_encoder(cfg: Config, paths: Paths, device: torch.device | str = "cpu") -> nn.Module:
+    if cfg.autoencoder.kind == "vae":
+        return _vae_parts(cfg, paths)[0].to(device).eval()
     from rae_core.encoders import build_encoder
 
     weights = encoder_weights(cfg, paths)
@@ -38,9 +60,15 @@ def load_encoder(cfg: Config, paths: Paths, device: torch.device | str = "cpu") 
 
 
 def load_stats(cfg: Config, paths: Paths, encoder: nn.Module):
-    from rae_core.encoders import LatentStats
+    """The latent normalisation: per-element statistics (rae) or one scale (vae)."""
+    from rae_core.encoders import LatentScale, LatentStats
 
-    return LatentStats.load(paths.stats_file, expected_identity=stats_identity(cfg, encoder))
+    if cfg.autoencoder.kind == "vae" and cfg.autoencoder.scale is not None:
+        return LatentScale(cfg.autoencoder.scale)
+    stats = LatentStats.load(paths.stats_file, expected_identity=stats_identity(cfg, encoder))
+    if cfg.autoencoder.kind == "vae":
+        return LatentScale(1.0 / stats.global_std())
+    return stats
 
 
 def stats_identity(cfg: Config, encoder: nn.Module) -> dict:
@@ -51,7 +79,11 @@ def stats_identity(cfg: Config, encoder: nn.Module) -> dict:
     return ident
 
 
-def build_decoder_for(cfg: Config, encoder: nn.Module) -> nn.Module:
+def build_decoder_for(cfg: Config, paths: Paths, encoder: nn.Module) -> nn.Module:
+    """The decoder `train-decoder` trains: a fresh ViT decoder (rae), or the VAE's own decoder
+    with its pretrained weights (vae: the fine-tune starts from them)."""
+    if cfg.autoencoder.kind == "vae":
+        return _vae_parts(cfg, paths)[1]
     from rae_core.decoder import build_decoder
 
     c, h, _ = encoder.latent_shape
@@ -65,7 +97,7 @@ def load_decoder(cfg: Config, paths: Paths, encoder: nn.Module,
                  device: torch.device | str = "cpu") -> nn.Module:
     from rae_core.train.common import safe_load
 
-    dec = build_decoder_for(cfg, encoder)
+    dec = build_decoder_for(cfg, paths, encoder)
     state = safe_load(paths.decoder_dir / "decoder.pt")
     dec.load_state_dict(state["model"])
     return dec.to(device).eval()

@@ -62,6 +62,20 @@ class EncoderConfig:
 
 
 @dataclass
+class AutoencoderConfig:
+    """The family of the latent space: `rae` (frozen representation encoder + ViT decoder, the
+    paper) or `vae` (a diffusers AutoencoderKL, DiT's recipe). For `vae`, encoder.name names a
+    registered AutoencoderKL config and encoder.weights a local diffusers folder or checkpoint."""
+
+    kind: Literal["rae", "vae"] = "rae"
+    config: str | None = None  # vae: local diffusers config folder for a single-file checkpoint
+    # vae: latents are multiplied by this; None = 1/std measured by `stats` (SD-VAE: 0.18215)
+    scale: float | None = _f(None, 0.0, lo_open=True)
+    kl_weight: float = _f(1e-6, 0.0)  # vae pretraining: weight of the KL term beside L1
+    finetune_decoder: bool = False  # vae: train-decoder fine-tunes the decoder (SD's ft-EMA)
+
+
+@dataclass
 class StatsConfig:
     batch_size: int = _f(256, 1)
     shards: int = _f(2, 1)  # parallel workers; the merge is exact whatever the count
@@ -108,7 +122,11 @@ class DecoderConfig:
 
 
 @dataclass
-class DiTConfig:
+class GeneratorConfig:
+    """The generator and its objective: `flow` (flow matching, RAE's DiT / DiT-DH) or `ddpm`
+    (IDDPM Gaussian diffusion with learned variance, DiT's recipe)."""
+
+    kind: Literal["flow", "ddpm"] = "flow"
     model: str = "DiTDH-tiny"
     hidden: int | None = _f(None, 1)  # overrides of the registered config (ablations)
     depth: int | None = _f(None, 1)
@@ -143,12 +161,14 @@ class DiTConfig:
 @dataclass
 class SampleConfig:
     num_per_class: int = _f(50, 1)
-    sampler: Literal["euler", "heun"] = "euler"
-    steps: int = _f(50, 2)
+    sampler: Literal["euler", "heun", "ddpm", "ddim"] = "euler"  # flow: euler/heun; ddpm: ddpm/ddim
+    steps: int = _f(50, 2)  # ODE steps (flow) or respaced diffusion steps (ddpm)
     guidance: Literal["none", "cfg", "autoguidance"] = "cfg"
     scale: float = _f(5.0, 0.0)
     interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     weak_model: str | None = None  # AutoGuidance: a checkpoint file of a weaker/earlier model
+    # CFG on every latent channel, or only on the first 3 of 4 as DiT's reference code does
+    cfg_channels: Literal["all", "first3"] = "all"
     batch_size: int = _f(250, 1)
     shard_size: int = _f(250, 1)
     seed: int = _f(0, 0)
@@ -201,11 +221,12 @@ class Config:
     preset: str = "tiny"
     seed: int = _f(0, 0)
     data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    dit: DiTConfig = field(default_factory=DiTConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -328,18 +349,29 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
+SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddpm", "ddim")}
+
+
 def _check_consistency(cfg: Config) -> None:
     if cfg.data.dataset == "folder" and not cfg.data.source:
         raise ConfigError("data.source: null is not valid with data.dataset=folder; "
                           "give the path of an image folder with train/ and val/ sub-folders")
-    if cfg.dit.batch_size % (cfg.dit.grad_accum * cfg.ray.num_workers):
-        raise ConfigError(f"dit.batch_size: {cfg.dit.batch_size} is not divisible by "
-                          f"dit.grad_accum x ray.num_workers = "
-                          f"{cfg.dit.grad_accum * cfg.ray.num_workers}")
+    if cfg.generator.batch_size % (cfg.generator.grad_accum * cfg.ray.num_workers):
+        raise ConfigError(f"generator.batch_size: {cfg.generator.batch_size} is not divisible by "
+                          f"generator.grad_accum x ray.num_workers = "
+                          f"{cfg.generator.grad_accum * cfg.ray.num_workers}")
     lo, hi = cfg.sample.interval if len(cfg.sample.interval) == 2 else (None, None)
     if lo is None or not 0.0 <= lo < hi <= 1.0:
         raise ConfigError(f"sample.interval: {cfg.sample.interval!r} is not valid; "
                           "expected [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1")
+    samplers = SAMPLERS[cfg.generator.kind]
+    if cfg.sample.sampler not in samplers:
+        raise ConfigError(f"sample.sampler: {cfg.sample.sampler!r} is not valid with "
+                          f"generator.kind={cfg.generator.kind}; expected one of "
+                          f"{', '.join(samplers)}")
+    if cfg.generator.kind == "ddpm" and cfg.sample.guidance == "autoguidance":
+        raise ConfigError("sample.guidance: 'autoguidance' is not valid with generator.kind=ddpm; "
+                          "expected 'none' or 'cfg'")
     if cfg.sample.guidance == "autoguidance" and not cfg.sample.weak_model:
         raise ConfigError("sample.weak_model: null is not valid with sample.guidance=autoguidance; "
                           "give a checkpoint file of the weaker model")
@@ -350,7 +382,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     import yaml
 
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key=value, e.g. dit.steps=100")
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. generator.steps=100")
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw else ""

@@ -361,6 +361,11 @@ class LatentStats:
             raise RaeError("latent statistics are empty: no latents were added")
         return self._m2 / self.count
 
+    def global_std(self) -> float:
+        """The standard deviation of all latent values pooled (law of total variance)."""
+        pooled_mean = self._mean.mean()
+        return float((self.var + (self._mean - pooled_mean).square()).mean().sqrt())
+
     def normalize(self, z: Tensor) -> Tensor:
         return (z - self._mean.to(z)) / (self.var + STATS_EPS).sqrt().to(z)
 
@@ -399,6 +404,20 @@ class LatentStats:
             raise RaeError(f"{path}: statistics were computed for {saved}, but the current "
                            f"setup is {expected}; recompute them with `rae stage stats`")
         return cls.from_state_dict(payload["stats"])
+
+
+class LatentScale:
+    """A VAE's latent normalisation, as in latent diffusion: one scale for every value and no
+    mean shift (SD-VAE: 0.18215; a VAE trained here: 1 / the measured pooled std)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = float(scale)
+
+    def normalize(self, z: Tensor) -> Tensor:
+        return z * self.scale
+
+    def denormalize(self, z: Tensor) -> Tensor:
+        return z / self.scale
 
 
 def _canonical(identity: dict[str, Any]) -> str:

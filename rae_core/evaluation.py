@@ -193,9 +193,9 @@ def reconstruction_metrics(root: str | Path, resolution: int, extractor,
 def fid_curve(cfg: Config, paths: Paths, extractor, ref: FeatureStats) -> list[dict]:
     """FID of a small balanced sample from every saved EMA checkpoint of this configuration."""
     from rae_core.autoencoder import load_decoder, load_encoder, load_stats
-    from rae_core.generate import load_generator
-    from rae_core.sampling import balanced_labels, generate
-    from rae_core.train.dit import checkpoint_dir, latent_shift
+    from rae_core.generator import load_generator, sample_latents
+    from rae_core.sampling import balanced_labels
+    from rae_core.train.generator import checkpoint_dir
 
     if cfg.evaluate.curve_per_class == 0:
         return []
@@ -207,13 +207,13 @@ def fid_curve(cfg: Config, paths: Paths, extractor, ref: FeatureStats) -> list[d
     curve = []
     for ckpt in sorted(checkpoint_dir(cfg, paths).glob("ema-step*.pt")):
         model = load_generator(ckpt, shape, cfg.data.num_classes)
+        g = torch.Generator().manual_seed(s.seed + 1)  # DDPM: the same draws for every step
         acc = StatsAccumulator(extractor.name)
         # Decoded and scored per batch: with 1000 classes the whole curve sample is GBs.
         for i in range(0, len(y), s.batch_size):
-            z = generate(model, y[i: i + s.batch_size], shape, steps=s.steps, method=s.sampler,
-                         shift=latent_shift(cfg, shape),
-                         guidance="cfg" if s.guidance == "cfg" else "none", scale=s.scale,
-                         interval=tuple(s.interval), noise=noise[i: i + s.batch_size])
+            sl = slice(i, i + s.batch_size)
+            z = sample_latents(cfg, model, y[sl], shape, noise[sl],
+                               guidance="cfg" if s.guidance == "cfg" else "none", generator=g)
             acc.update(extractor(decoder(stats.denormalize(z)).clamp(0, 1)))
         step = int(ckpt.stem.removeprefix("ema-step"))
         curve.append({"step": step, "fid": frechet_distance(ref, acc.stats())})

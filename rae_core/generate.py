@@ -1,4 +1,4 @@
-"""The sample stage: N images per class from the EMA DiT, decoded by the RAE decoder.
+"""The sample stage: N images per class from the EMA generator, decoded by the decoder.
 
 The requested images are cut into fixed shards, each with its own seed, so the same
 configuration yields the same images whatever the number of Ray workers; finished shards are
@@ -16,28 +16,15 @@ import torch
 
 from rae_core.config import Config, from_dict
 from rae_core.paths import Paths
-from rae_core.train.common import safe_load, write_json
+from rae_core.train.common import write_json
 
 log = logging.getLogger(__name__)
 
 
-def load_generator(path: Path, latent_shape, num_classes: int) -> torch.nn.Module:
-    """An EMA checkpoint ({'model', 'name'}) as an eval-mode model; also AutoGuidance's weak one."""
-    from rae_core.models import build_model
-
-    state = safe_load(path)
-    c, h, _ = latent_shape
-    model = build_model(state["name"], in_channels=c, grid_size=h, num_classes=num_classes,
-                        allow_narrow=True, **state.get("overrides", {}))
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
 def _shard(cfg_dict: dict, root: str, index: int, labels: list[int], path: str) -> str:
     from rae_core.autoencoder import load_decoder, load_encoder, load_stats
+    from rae_core.generator import load_generator, sample_latents
     from rae_core.images import to_uint8
-    from rae_core.sampling import generate
-    from rae_core.train.dit import latent_shift
 
     cfg, paths = from_dict(cfg_dict), Paths.at(root)
     s = cfg.sample
@@ -45,7 +32,7 @@ def _shard(cfg_dict: dict, root: str, index: int, labels: list[int], path: str) 
     stats = load_stats(cfg, paths, encoder)
     decoder = load_decoder(cfg, paths, encoder)
     shape = tuple(encoder.latent_shape)
-    model = load_generator(paths.dit_dir / "ema.pt", shape, cfg.data.num_classes)
+    model = load_generator(paths.generator_dir / "ema.pt", shape, cfg.data.num_classes)
     weak = load_generator(paths.dataset(s.weak_model), shape, cfg.data.num_classes) \
         if s.guidance == "autoguidance" else None
     g = torch.Generator().manual_seed(s.seed * 1_000_003 + index)
@@ -55,9 +42,7 @@ def _shard(cfg_dict: dict, root: str, index: int, labels: list[int], path: str) 
     with torch.no_grad():
         for i in range(0, len(y), s.batch_size):
             sl = slice(i, i + s.batch_size)
-            z = generate(model, y[sl], shape, steps=s.steps, method=s.sampler,
-                         shift=latent_shift(cfg, shape), guidance=s.guidance, scale=s.scale,
-                         interval=tuple(s.interval), weak_model=weak, noise=noise[sl])
+            z = sample_latents(cfg, model, y[sl], shape, noise[sl], weak_model=weak, generator=g)
             images.append(to_uint8(decoder(stats.denormalize(z))))
     arr = np.concatenate(images)
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.npz")
@@ -67,15 +52,16 @@ def _shard(cfg_dict: dict, root: str, index: int, labels: list[int], path: str) 
 
 
 def run(cfg: Config, paths: Paths) -> dict:
+    from rae_core.generator import SECTIONS
     from rae_core.images import grid, save_png
     from rae_core.sampling import balanced_labels
     from rae_core.train.runner import map_shards
 
     s, out = cfg.sample, paths.samples_dir
     labels = balanced_labels(s.num_per_class, cfg.data.num_classes).tolist()
-    key = {"sample": cfg.to_dict()["sample"], "dit": cfg.fingerprint("data", "encoder", "dit"),
-           "decoder": cfg.fingerprint("decoder"), "model_mtime":
-           (paths.dit_dir / "ema.pt").stat().st_mtime_ns}
+    key = {"sample": cfg.to_dict()["sample"], "generator": cfg.fingerprint(*SECTIONS),
+           "decoder": cfg.fingerprint("autoencoder", "decoder"), "model_mtime":
+           (paths.generator_dir / "ema.pt").stat().st_mtime_ns}
     marker = out / "shards.key.json"
     if marker.exists() and json.loads(marker.read_text()) != key:
         for old in out.glob("shard-*.npz"):

@@ -34,8 +34,8 @@ class Paths:
         return self.root / "models" / "decoder"
 
     @property
-    def dit_dir(self) -> Path:
-        return self.root / "models" / "dit"
+    def generator_dir(self) -> Path:
+        return self.root / "models" / "generator"
 
     @property
     def samples_dir(self) -> Path:

@@ -26,7 +26,7 @@ SMOKE = {
     "decoder": {"model": "ViT-micro", "steps": 40, "batch_size": 64, "warmup_steps": 5,
                 "eval_every": 20, "ckpt_every": 20,
                 "gan": {"disc_start_step": 20, "gen_start_step": 25}},
-    "dit": {"model": "DiTDH-micro", "steps": 60, "batch_size": 64, "grad_accum": 2,
+    "generator": {"model": "DiTDH-micro", "steps": 60, "batch_size": 64, "grad_accum": 2,
             "warmup_steps": 5, "decay_start_step": 30, "sample_every": 30, "ckpt_every": 20},
     "sample": {"num_per_class": 8, "steps": 10, "batch_size": 80, "shard_size": 40},
     "evaluate": {"classifier_epochs": 6},
@@ -35,7 +35,7 @@ SMOKE = {
 # The schema defaults are the tiny preset, except the shift's base: the paper's 4096 gives
 # s = sqrt(16 * 64 / 4096) = 0.5 on the 4x4x64 latent, i.e. no shift towards noise at all;
 # base 256 gives s = 2, and at equal steps class accuracy rose with s (0.5 < 1 < 2).
-TINY: dict = {"preset": "tiny", "dit": {"shift_base": 256.0}}
+TINY: dict = {"preset": "tiny", "generator": {"shift_base": 256.0}}
 
 
 def _imagenet(resolution: int, dit_epochs: int, ag_scale: float, ag_epochs: int) -> dict:
@@ -55,7 +55,7 @@ def _imagenet(resolution: int, dit_epochs: int, ag_scale: float, ag_epochs: int)
                             "disc_start_step": _epochs(6, dec_batch),
                             "gen_start_step": _epochs(8, dec_batch)},
                     "eval_every": 5000, "ckpt_every": 2500},
-        "dit": {"model": "DiTDH-XL", "steps": _epochs(dit_epochs, dit_batch),
+        "generator": {"model": "DiTDH-XL", "steps": _epochs(dit_epochs, dit_batch),
                 "batch_size": dit_batch, "lr": 2e-4, "min_lr": 2e-5, "warmup_steps": 0,
                 "decay_start_step": _epochs(40, dit_batch), "ema": 0.9995, "grad_clip": 1.0,
                 "time_dist": "logit_normal", "shift_base": 4096.0, "precision": "bf16",

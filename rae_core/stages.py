@@ -1,7 +1,9 @@
 """Every pipeline stage as `stage(cfg, paths) -> outputs`; the flows and the CLI call these.
 
-Order: prepare -> pretrain-encoder -> stats -> extract -> train-decoder -> train-dit -> sample
--> evaluate. Training stages run on Ray Train; stats, extract and sample fan out as Ray tasks.
+Order: prepare -> pretrain-encoder -> stats -> extract -> train-decoder -> train-generator ->
+sample -> evaluate. Training stages run on Ray Train; stats, extract and sample fan out as Ray
+tasks. What a stage does for each family (autoencoder.kind, generator.kind) is resolved in
+rae_core.autoencoder and rae_core.generator; the stages themselves are the same for all.
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ def prepare(cfg: Config, paths: Paths) -> dict:
 
 
 def pretrain_encoder(cfg: Config, paths: Paths) -> dict:
-    from rae_core.train import pretrain_encoder as stage
-
+    """MAE pretraining of a small representation encoder (rae), or the KL autoencoder (vae)."""
+    if cfg.autoencoder.kind == "vae":
+        from rae_core.train import pretrain_vae as stage
+    else:
+        from rae_core.train import pretrain_encoder as stage
     return stage.run(cfg, paths)
 
 
@@ -84,7 +89,8 @@ def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
 
 def stats(cfg: Config, paths: Paths) -> dict:
     """Exact per-element mean/var of the latents of all training images (and their mirror
-    images where data.hflip augments the training data)."""
+    images where data.hflip augments the training data). A VAE's latents are normalised by
+    one scale, 1 / the pooled std derived from the same statistics (unless given)."""
     from rae_core.autoencoder import load_encoder, stats_identity
     from rae_core.data.folder import scan_split
     from rae_core.encoders import LatentStats
@@ -99,8 +105,11 @@ def stats(cfg: Config, paths: Paths) -> dict:
     encoder = load_encoder(cfg, paths)
     total.save(paths.stats_file, stats_identity(cfg, encoder))
     var = total.var
-    return {"count": int(total.count), "mean_abs_mean": float(total.mean.abs().mean()),
-            "mean_var": float(var.mean()), "min_var": float(var.min())}
+    out = {"count": int(total.count), "mean_abs_mean": float(total.mean.abs().mean()),
+           "mean_var": float(var.mean()), "min_var": float(var.min())}
+    if cfg.autoencoder.kind == "vae":
+        out["latent_scale"] = cfg.autoencoder.scale or 1.0 / total.global_std()
+    return out
 
 
 def _extract_shard(cfg_dict: dict, root: str, start: int, end: int, path: str) -> str:
@@ -154,8 +163,8 @@ def train_decoder(cfg: Config, paths: Paths) -> dict:
     return stage.run(cfg, paths)
 
 
-def train_dit(cfg: Config, paths: Paths) -> dict:
-    from rae_core.train import dit as stage
+def train_generator(cfg: Config, paths: Paths) -> dict:
+    from rae_core.train import generator as stage
 
     return stage.run(cfg, paths)
 
@@ -178,7 +187,7 @@ STAGES: dict[str, Callable[[Config, Paths], dict]] = {
     "stats": stats,
     "extract": extract,
     "train-decoder": train_decoder,
-    "train-dit": train_dit,
+    "train-generator": train_generator,
     "sample": sample,
     "evaluate": evaluate,
 }

@@ -35,11 +35,11 @@ def check_registries(cfg: Config) -> None:
 
     _known("encoder.name", cfg.encoder.name, list(ENCODERS))
     _known("decoder.model", cfg.decoder.model, list(DECODERS))
-    _known("dit.model", cfg.dit.model, list(MODELS))
+    _known("generator.model", cfg.generator.model, list(MODELS))
     try:
-        check_width(cfg.dit.model, latent_channels(cfg), **cfg.dit.overrides())
+        check_width(cfg.generator.model, latent_channels(cfg), **cfg.generator.overrides())
     except ValueError as e:
-        raise ConfigError(f"dit.model: {e}") from None
+        raise ConfigError(f"generator.model: {e}") from None
 
 
 def model_table() -> str:

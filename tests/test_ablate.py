@@ -63,23 +63,23 @@ def test_every_arm_config_is_valid_and_differs_only_where_it_should(plan):
 
     cfgs = {a.name: from_dict(a.config(plan.base, 3)) for a in plan.arms}
     ref = cfgs["reference"]
-    assert ref.seed == ref.sample.seed == 3 and ref.dit.shift is None
-    assert cfgs["no-shift"].dit.shift == 1.0
+    assert ref.seed == ref.sample.seed == 3 and ref.generator.shift is None
+    assert cfgs["no-shift"].generator.shift == 1.0
     assert cfgs["plain-decoder"].decoder.noise_tau == 0.0 and ref.decoder.noise_tau == 0.8
     assert cfgs["pixels"].encoder.name == "pixels"
-    assert cfgs["dit"].dit.model == cfgs["pixels"].dit.model == "DiT-micro"
-    assert cfgs["width-32"].dit.hidden == 32
+    assert cfgs["dit"].generator.model == cfgs["pixels"].generator.model == "DiT-micro"
+    assert cfgs["width-32"].generator.hidden == 32
     # the knobs an ablation varies are pinned, whatever --set says
-    other = ablation.make_plan(load_config(None, "smoke", ["dit.shift=2.0",
+    other = ablation.make_plan(load_config(None, "smoke", ["generator.shift=2.0",
                                                            "decoder.noise_tau=0.3"]))
     for arm in other.arms:
         c = from_dict(arm.config(other.base, 0))
-        assert c.dit.shift == cfgs[arm.name].dit.shift, arm.name
+        assert c.generator.shift == cfgs[arm.name].generator.shift, arm.name
         if not arm.overfit:  # (a) decodes nothing
             assert c.decoder.noise_tau == cfgs[arm.name].decoder.noise_tau, arm.name
     assert {c.tracking.experiment for c in cfgs.values()} == {"rae-ablation"}
     assert plan.arm("plain-decoder").stages == ("train-decoder", "sample", "evaluate")
-    assert plan.arm("dit").stages == ("train-dit", "sample", "evaluate")
+    assert plan.arm("dit").stages == ("train-generator", "sample", "evaluate")
     assert plan.arm("width-64").stages == ()
 
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import http_json
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "pretrain-encoder", "stats", "extract", "train-decoder", "train-dit",
+STAGES = ["prepare", "pretrain-encoder", "stats", "extract", "train-decoder", "train-generator",
           "sample", "evaluate"]
 
 pytestmark = pytest.mark.e2e
@@ -65,7 +65,7 @@ def test_every_stage_ran_and_wrote_its_outputs(project):
     manifest = json.loads((proj / "data" / "latents" / "manifest.json").read_text())
     assert len(manifest["shards"]) >= 2
     assert (proj / "models" / "decoder" / "decoder.pt").exists()
-    assert (proj / "models" / "dit" / "ema.pt").exists()
+    assert (proj / "models" / "generator" / "ema.pt").exists()
     assert (proj / "runs" / "samples" / "grid.png").exists()
     samples = __import__("numpy").load(proj / "runs" / "samples" / "samples.npz")
     assert samples["images"].shape == (80, 32, 32, 3)
@@ -91,10 +91,10 @@ def test_mlflow_has_a_run_per_stage_with_metrics_and_models(project):
     assert set(STAGES) <= set(by_stage)
     assert all(r.info.status == "FINISHED" for r in runs)
     client = mlflow.tracking.MlflowClient()
-    dit_run = by_stage["train-dit"].info.run_id
+    dit_run = by_stage["train-generator"].info.run_id
     losses = client.get_metric_history(dit_run, "loss")
     assert len(losses) >= 3 and all(m.value == m.value for m in losses)
-    assert by_stage["train-dit"].data.params["dit.model"] == "DiTDH-micro"
+    assert by_stage["train-generator"].data.params["generator.model"] == "DiTDH-micro"
     dec_hist = client.get_metric_history(by_stage["train-decoder"].info.run_id, "l1")
     assert len(dec_hist) >= 2
     arts = [a.path for a in client.list_artifacts(by_stage["train-decoder"].info.run_id,
@@ -183,18 +183,18 @@ def test_a_killed_ray_worker_is_replaced_and_training_resumes_exactly(project):
     proj, team_env, _ = project
     env = {k: v for k, v in team_env.items()
            if k not in ("RAY_ADDRESS", "PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
-    before = torch.load(proj / "models" / "dit" / "ema.pt", weights_only=True)
-    for d in [*(proj / "runs" / "checkpoints").glob("train-dit-*"),
-              *(proj / "runs" / "ray").glob("train-dit-*")]:
+    before = torch.load(proj / "models" / "generator" / "ema.pt", weights_only=True)
+    for d in [*(proj / "runs" / "checkpoints").glob("train-generator-*"),
+              *(proj / "runs" / "ray").glob("train-generator-*")]:
         shutil.rmtree(d)
-    _run([sys.executable, "-m", "flows.cli", "stage", "train-dit"], proj,
-         {**env, "RAE_KILL_AT": "train-dit:40"})
+    _run([sys.executable, "-m", "flows.cli", "stage", "train-generator"], proj,
+         {**env, "RAE_KILL_AT": "train-generator:40"})
     events = [json.loads(ln).get("event") for ln in
-              (proj / "runs" / "logs" / "train-dit.jsonl").read_text().splitlines()]
+              (proj / "runs" / "logs" / "train-generator.jsonl").read_text().splitlines()]
     assert "resumed at step 40" in events
-    (ckpt_dir,) = (proj / "runs" / "checkpoints").glob("train-dit-*")
-    assert (ckpt_dir / ".killed-train-dit-40").exists()
-    after = torch.load(proj / "models" / "dit" / "ema.pt", weights_only=True)
+    (ckpt_dir,) = (proj / "runs" / "checkpoints").glob("train-generator-*")
+    assert (ckpt_dir / ".killed-train-generator-40").exists()
+    after = torch.load(proj / "models" / "generator" / "ema.pt", weights_only=True)
     assert after["step"] == before["step"] == 60
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
     assert (proj / "mlflow.db").exists()  # local mode: the project's own SQLite store

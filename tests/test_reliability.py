@@ -83,11 +83,11 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path, digits_ro
 
 def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
     model = torch.nn.Linear(2, 2)
-    Checkpointer(tmp_path, "aaaa", "train-dit").save(10, model=model)
-    assert Checkpointer(tmp_path, "aaaa", "train-dit").resume(model=model) == 10
+    Checkpointer(tmp_path, "aaaa", "train-generator").save(10, model=model)
+    assert Checkpointer(tmp_path, "aaaa", "train-generator").resume(model=model) == 10
     with pytest.raises(DataError, match=r"last.pt: checkpoint of another configuration "
                                         r"\(aaaa, this run is bbbb\)"):
-        Checkpointer(tmp_path, "bbbb", "train-dit").resume(model=model)
+        Checkpointer(tmp_path, "bbbb", "train-generator").resume(model=model)
 
 
 def test_a_second_writer_is_refused_at_once_with_one_line(tmp_path):
@@ -134,4 +134,4 @@ def test_credentials_in_params_are_never_logged():
     logged = _safe_params(cfg)
     assert logged["data.source"] == "s3://***@bucket/ilsvrc"
     assert not any("s3cr3t" in v or "AKIAXYZ" in v for v in logged.values())
-    assert logged["dit.model"] == "DiTDH-micro"
+    assert logged["generator.model"] == "DiTDH-micro"

@@ -12,7 +12,7 @@ from rae_core.train.common import (
     warmup_constant_linear,
     warmup_cosine,
 )
-from rae_core.train.dit import accumulate_gradients
+from rae_core.train.generator import accumulate_gradients
 from rae_core.transport import Transport
 
 
@@ -80,4 +80,4 @@ def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch
 
 def test_a_non_finite_loss_names_the_step_and_the_kept_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match="step 7.*last.pt"):
-        check_finite(torch.tensor(math.nan), 7, "train-dit", tmp_path / "last.pt")
+        check_finite(torch.tensor(math.nan), 7, "train-generator", tmp_path / "last.pt")

@@ -24,7 +24,7 @@ def read_manifest(latents_dir: Path) -> dict:
     path = Path(latents_dir) / MANIFEST
     if not path.exists():
         raise DataError(f"{path}: latent shards not found; run `rae stage extract` first "
-                        "or set dit.latents=online")
+                        "or set generator.latents=online")
     return json.loads(path.read_text())
 
 

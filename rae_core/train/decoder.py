@@ -54,6 +54,22 @@ def evaluate_reconstruction(encoder, decoder, images: torch.Tensor, batch: int =
     return {"val_psnr": float(psnr(recs, images)), "val_l1": float((recs - images).abs().mean())}
 
 
+def validation_images(cfg: Config, paths: Paths, count: int = 512) -> torch.Tensor:
+    """Up to `count` validation images spread evenly over the (class-sorted) split."""
+    val = ImageSource(paths.dataset(cfg.data.root), "val", cfg.data.resolution)
+    pick = torch.linspace(0, len(val) - 1, min(count, len(val))).long()
+    return val.images[pick] if val.images is not None else \
+        torch.stack([val.dataset[int(i)][0] for i in pick])
+
+
+def save_decoder(cfg: Config, paths: Paths, encoder, decoder, summary: dict) -> None:
+    paths.decoder_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save({"model": decoder.state_dict(), "name": cfg.decoder.model,
+                 "latent_shape": list(encoder.latent_shape), "noise_tau": cfg.decoder.noise_tau},
+                paths.decoder_dir / "decoder.pt")
+    write_json(paths.decoder_dir / "metrics.json", summary)
+
+
 def train_loop(config: dict) -> dict:
     from rae_core.discriminator import build_discriminator
     from rae_core.images import grid, save_png
@@ -70,14 +86,10 @@ def train_loop(config: dict) -> dict:
     rank, world, device = worker_setup(cfg)
     d, g = cfg.decoder, cfg.decoder.gan
     torch.manual_seed(cfg.seed)
-    root = paths.dataset(cfg.data.root)
-    source = ImageSource(root, "train", cfg.data.resolution)
-    val = ImageSource(root, "val", cfg.data.resolution)
-    pick = torch.linspace(0, len(val) - 1, min(512, len(val))).long()  # spread over classes
-    val_images = val.images[pick] if val.images is not None else \
-        torch.stack([val.dataset[int(i)][0] for i in pick])
+    source = ImageSource(paths.dataset(cfg.data.root), "train", cfg.data.resolution)
+    val_images = validation_images(cfg, paths)
     encoder = load_encoder(cfg, paths, device)
-    decoder = build_decoder_for(cfg, encoder).to(device)
+    decoder = build_decoder_for(cfg, paths, encoder).to(device)
     disc = build_discriminator(g.disc, weights=g.disc_weights).to(device)
     lpips = LPIPSLoss(weights=d.lpips_weights).to(device) if d.lpips_weight > 0 else None
     ema = EMA(decoder, d.ema)
@@ -150,18 +162,28 @@ def train_loop(config: dict) -> dict:
     summary: dict = {"steps": d.steps, "resumed_at": start}
     if rank == 0:
         summary.update(evaluate_reconstruction(encoder, ema.model, val_images.to(device)))
-        paths.decoder_dir.mkdir(parents=True, exist_ok=True)
-        atomic_save({"model": ema.model.state_dict(), "name": d.model,
-                     "latent_shape": list(encoder.latent_shape), "noise_tau": d.noise_tau},
-                    paths.decoder_dir / "decoder.pt")
-        write_json(paths.decoder_dir / "metrics.json", summary)
+        save_decoder(cfg, paths, encoder, ema.model, summary)
+    return summary
+
+
+def keep_vae_decoder(cfg: Config, paths: Paths) -> dict:
+    """A VAE without decoder fine-tuning: its own decoder becomes the stage's output as it is,
+    measured on the validation images like a trained one (no Ray workers needed)."""
+    encoder = load_encoder(cfg, paths)
+    decoder = build_decoder_for(cfg, paths, encoder).eval()
+    summary = {"steps": 0, "finetuned": False,
+               **evaluate_reconstruction(encoder, decoder, validation_images(cfg, paths))}
+    save_decoder(cfg, paths, encoder, decoder, summary)
     return summary
 
 
 def run(cfg: Config, paths: Paths) -> dict:
     from rae_core.train.runner import fit
 
-    fp = cfg.fingerprint("data", "encoder", "decoder", "seed")
+    if cfg.autoencoder.kind == "vae" and not cfg.autoencoder.finetune_decoder:
+        return keep_vae_decoder(cfg, paths)
+
+    fp = cfg.fingerprint("data", "autoencoder", "encoder", "decoder", "seed")
     run_dir = paths.checkpoints / f"train-decoder-{fp}"
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = fit(f"train-decoder-{fp}", train_loop,

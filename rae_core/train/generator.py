@@ -1,4 +1,5 @@
-"""The train-dit stage: DiT / DiT-DH by flow matching on normalised RAE latents.
+"""The train-generator stage: the configured generator (rae_core.generator) on normalised
+latents: DiT / DiT-DH by flow matching, or DiT/2 by IDDPM diffusion.
 
 Runs in Ray Train workers (data parallel). The global batch is split across workers and
 gradient-accumulation micro-batches; gradients are zeroed once per optimiser step, so an
@@ -31,26 +32,8 @@ from rae_core.train.sampler import batch_indices, rank_slice, step_seed
 log = logging.getLogger(__name__)
 
 
-def latent_shift(cfg: Config, latent_shape: tuple[int, int, int]) -> float:
-    from rae_core.transport import shift_factor
-
-    if cfg.dit.shift is not None:
-        return cfg.dit.shift
-    c, h, w = latent_shape
-    return shift_factor(h * w, c, cfg.dit.shift_base)
-
-
-def build_dit(cfg: Config, latent_shape: tuple[int, int, int]) -> torch.nn.Module:
-    from rae_core.models import build_model
-
-    c, h, _ = latent_shape
-    return build_model(cfg.dit.model, in_channels=c, grid_size=h,
-                       num_classes=cfg.data.num_classes, label_dropout=cfg.dit.label_dropout,
-                       **cfg.dit.overrides())
-
-
 def make_source(cfg: Config, paths: Paths, encoder, stats, device):
-    if cfg.dit.latents == "shards":
+    if cfg.generator.latents == "shards":
         return ShardSource(paths.latents_dir, stats, stats_identity(cfg, encoder),
                            hflip=cfg.data.hflip)
     from rae_core.data.folder import ImageFolderDataset
@@ -59,7 +42,7 @@ def make_source(cfg: Config, paths: Paths, encoder, stats, device):
     return OnlineSource(ds, encoder, stats, device, hflip=cfg.data.hflip)
 
 
-def accumulate_gradients(net: torch.nn.Module, transport, batch: tuple[torch.Tensor, ...],
+def accumulate_gradients(net: torch.nn.Module, objective, batch: tuple[torch.Tensor, ...],
                          accum: int, distributed: bool = False,
                          bf16: bool = False) -> torch.Tensor:
     """Backward over `accum` equal micro-batches of (x, y, noise, t); returns the batch loss.
@@ -75,7 +58,7 @@ def accumulate_gradients(net: torch.nn.Module, transport, batch: tuple[torch.Ten
         sync = not distributed or k == accum - 1
         with contextlib.nullcontext() if sync else net.no_sync():
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = transport.loss(net, x[sl], y[sl], noise=noise[sl], t=t[sl]) / accum
+                loss = objective.loss(net, x[sl], y[sl], noise=noise[sl], t=t[sl]) / accum
             loss.backward()
         total += loss.detach()
     return total
@@ -83,29 +66,28 @@ def accumulate_gradients(net: torch.nn.Module, transport, batch: tuple[torch.Ten
 
 def train_loop(config: dict) -> dict:
     """One Ray Train worker's loop; rank 0 checkpoints, logs and writes the EMA model."""
+    from rae_core.generator import build_generator, latent_shift, objective
     from rae_core.train.runner import worker_setup
-    from rae_core.transport import Transport
 
     cfg, paths, run_dir = from_dict(config["cfg"]), Paths.at(config["root"]), Path(config["run_dir"])
     rank, world, device = worker_setup(cfg)
-    d = cfg.dit
+    d = cfg.generator
     torch.manual_seed(cfg.seed)
     encoder = load_encoder(cfg, paths, device)
     stats = load_stats(cfg, paths, encoder)
     source = make_source(cfg, paths, encoder, stats, device)
     latent_shape = tuple(encoder.latent_shape)
-    model = build_dit(cfg, latent_shape).to(device)
+    model = build_generator(cfg, latent_shape).to(device)
     ema = EMA(model, d.ema)
     # fused AdamW on the GPU: one kernel for all parameters (measured +10% step speed at XL)
     opt = torch.optim.AdamW(model.parameters(), lr=d.lr, betas=tuple(d.betas),
                             weight_decay=d.weight_decay, fused=device.type == "cuda")
-    metrics = MetricsLog(paths.metrics_log("train-dit"), enabled=rank == 0)
-    ckpt = Checkpointer(run_dir, config["fingerprint"], "train-dit")
+    metrics = MetricsLog(paths.metrics_log("train-generator"), enabled=rank == 0)
+    ckpt = Checkpointer(run_dir, config["fingerprint"], "train-generator")
     start = ckpt.resume(model=model, ema=ema.model, opt=opt)
     if start:
         metrics.event(start, f"resumed at step {start}")
-    shift = latent_shift(cfg, latent_shape)
-    transport = Transport(time_dist=d.time_dist, shift=shift)
+    loss_fn = objective(cfg, latent_shape)
     net = model
     if world > 1:
         import ray.train.torch
@@ -122,11 +104,11 @@ def train_loop(config: dict) -> dict:
         x, y = source.get(idx, gen)
         x, y = x.to(device), y.to(device)
         noise = torch.randn(x.shape, generator=gen).to(device)
-        t = transport.sample_time(len(x), generator=gen).to(device)
+        t = loss_fn.sample_time(len(x), generator=gen).to(device)
         opt.zero_grad(set_to_none=True)
-        step_loss = accumulate_gradients(net, transport, (x, y, noise, t), d.grad_accum,
+        step_loss = accumulate_gradients(net, loss_fn, (x, y, noise, t), d.grad_accum,
                                          distributed=world > 1, bf16=d.precision == "bf16")
-        check_finite(step_loss, step, "train-dit", ckpt.last_good)
+        check_finite(step_loss, step, "train-generator", ckpt.last_good)
         clip = d.grad_clip if d.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         lr = warmup_constant_linear(step, d.lr, d.min_lr, d.warmup_steps, d.decay_start_step,
@@ -141,20 +123,20 @@ def train_loop(config: dict) -> dict:
             metrics.metrics(done, loss=step_loss.item(), lr=lr, grad_norm=float(grad_norm))
         if rank == 0 and (done % d.ckpt_every == 0 or done == d.steps):
             atomic_save({"model": ema.model.state_dict(), "step": done, "name": d.model,
-                         "overrides": cfg.dit.overrides(), "latent_shape": list(latent_shape)},
+                         "overrides": cfg.generator.overrides(), "latent_shape": list(latent_shape)},
                         run_dir / f"ema-step{done:07d}.pt")
             ckpt.save(done, model=model, ema=ema.model, opt=opt)
         if decoder is not None and (done % d.sample_every == 0 or done == d.steps):
-            path = _sample_grid(cfg, ema.model, decoder, stats, latent_shape, shift, done,
-                                run_dir)
+            path = _sample_grid(cfg, ema.model, decoder, stats, latent_shape, done, run_dir)
             metrics.artifact(done, path)
+    shift = latent_shift(cfg, latent_shape) if d.kind == "flow" else None
     summary = {"steps": d.steps, "resumed_at": start, "shift": shift,
                "final_loss": float(step_loss), "params": sum(p.numel() for p in model.parameters())}
     if rank == 0:
-        paths.dit_dir.mkdir(parents=True, exist_ok=True)
+        paths.generator_dir.mkdir(parents=True, exist_ok=True)
         atomic_save({"model": ema.model.state_dict(), "step": d.steps, "name": d.model,
-                     "overrides": cfg.dit.overrides(), "latent_shape": list(latent_shape),
-                     "shift": shift}, paths.dit_dir / "ema.pt")
+                     "overrides": cfg.generator.overrides(), "latent_shape": list(latent_shape),
+                     "shift": shift}, paths.generator_dir / "ema.pt")
     return summary
 
 
@@ -166,17 +148,18 @@ def _optional_decoder(cfg, paths, encoder, device):
 
 
 @torch.no_grad()
-def _sample_grid(cfg, model, decoder, stats, latent_shape, shift, step, run_dir) -> Path:
+def _sample_grid(cfg, model, decoder, stats, latent_shape, step, run_dir) -> Path:
+    from rae_core.generator import sample_latents
     from rae_core.images import grid, save_png
-    from rae_core.sampling import balanced_labels, generate
+    from rae_core.sampling import balanced_labels
 
     n_cls = min(cfg.data.num_classes, 10)
     y = balanced_labels(4, n_cls)
     g = torch.Generator().manual_seed(cfg.seed + 17)
+    noise = torch.randn((len(y), *latent_shape), generator=g)
     device = next(model.parameters()).device
-    z = generate(model, y.to(device), latent_shape, steps=cfg.sample.steps,
-                 method=cfg.sample.sampler, shift=shift, guidance="none", scale=1.0,
-                 interval=tuple(cfg.sample.interval), generator=g)
+    z = sample_latents(cfg, model, y.to(device), latent_shape, noise, guidance="none",
+                       generator=g)
     images = decoder(stats.denormalize(z)).clamp(0, 1)
     order = torch.arange(len(y)).view(n_cls, 4).t().reshape(-1)  # one row per draw, class cols
     return save_png(grid(images[order], nrow=n_cls), run_dir / f"samples-step{step:07d}.png",
@@ -185,18 +168,21 @@ def _sample_grid(cfg, model, decoder, stats, latent_shape, shift, step, run_dir)
 
 def checkpoint_dir(cfg: Config, paths: Paths) -> Path:
     """Where this configuration's checkpoints live (so the same config resumes)."""
-    return paths.checkpoints / f"train-dit-{cfg.fingerprint('data', 'encoder', 'dit', 'seed')}"
+    from rae_core.generator import SECTIONS
+
+    return paths.checkpoints / f"train-generator-{cfg.fingerprint(*SECTIONS)}"
 
 
 def run(cfg: Config, paths: Paths) -> dict:
     """The stage: fit on Ray, keyed by the configuration so a re-run resumes."""
+    from rae_core.generator import SECTIONS
     from rae_core.train.runner import fit
 
-    fp = cfg.fingerprint("data", "encoder", "dit", "seed")
+    fp = cfg.fingerprint(*SECTIONS)
     run_dir = checkpoint_dir(cfg, paths)
     run_dir.mkdir(parents=True, exist_ok=True)
     loop_cfg = {"cfg": cfg.to_dict(), "root": str(paths.root), "run_dir": str(run_dir),
                 "fingerprint": fp}
-    summary = fit(f"train-dit-{fp}", train_loop, loop_cfg, cfg, paths.ray_storage)
+    summary = fit(f"train-generator-{fp}", train_loop, loop_cfg, cfg, paths.ray_storage)
     summary["checkpoint_dir"] = str(run_dir)
     return summary
