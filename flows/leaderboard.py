@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 GROUP_TAGS = ("dataset", "resolution", "extractor", "num_samples")
-ROW_TAGS = ("model", "encoder", "decoder", "steps", "sampler", "sampling_steps", "guidance",
+ROW_TAGS = ("family", "model", "encoder", "decoder", "steps", "sampler", "sampling_steps", "guidance",
             "scale", "preset")
 METRICS = ("fid", "precision", "recall", "class_accuracy", "inception_score", "rfid")
 
@@ -43,7 +43,8 @@ def render(board: list[dict[str, Any]], top: int, fmt: str) -> str:
         return json.dumps(groups, indent=1)
     if not groups:
         return "no evaluations yet: run `rae run` (or `make demo`) first"
-    cols = ["rank", "fid", "precision", "recall", "class_accuracy", "model", "encoder", "steps",
+    cols = ["rank", "fid", "precision", "recall", "class_accuracy", "family", "model", "encoder",
+            "steps",
             "sampler", "sampling_steps", "guidance", "scale", "preset", "run_id"]
     blocks = []
     for g, rs in groups.items():
@@ -65,11 +66,14 @@ def _fmt(v: Any) -> str:
     return str(v)[:12] if len(str(v)) > 12 and str(v).isalnum() else str(v)
 
 
-def crown_champion(experiment: str, registered_name: str, group: str) -> str | None:
-    """Give the alias `champion` to the registered generator with the best FID in `group`."""
+def crown_champion(experiment: str, registered_name: str, group: str,
+                   family: str) -> str | None:
+    """Give the alias `champion` of `registered_name` (one family's generators) to its version
+    with the best FID in `group`."""
     from mlflow.tracking import MlflowClient
 
-    best = [r for r in rows(experiment) if r["group"] == group and r["generator_version"]]
+    best = [r for r in rows(experiment)
+            if r["group"] == group and r["family"] == family and r["generator_version"]]
     if not best:
         return None
     version = best[0]["generator_version"]

@@ -26,21 +26,34 @@ log = logging.getLogger(__name__)
 ORDER = list(STAGES)
 
 
+def family(cfg: Config) -> str:
+    """The family a run belongs to on the leaderboard: autoencoder kind / generator kind."""
+    return f"{cfg.autoencoder.kind}/{cfg.generator.kind}"
+
+
+def decoder_label(cfg: Config) -> str:
+    if cfg.autoencoder.kind == "vae":
+        return cfg.encoder.name + ("-ft" if cfg.autoencoder.finetune_decoder else "")
+    return cfg.decoder.model
+
+
 def _group_tags(cfg: Config) -> dict[str, str]:
     s = cfg.sample
-    return {"rae.dataset": cfg.data.dataset if cfg.data.dataset != "folder" else
+    return {"rae.family": family(cfg),
+            "rae.dataset": cfg.data.dataset if cfg.data.dataset != "folder" else
             Path(cfg.data.source or cfg.data.root).name,
             "rae.resolution": str(cfg.data.resolution), "rae.extractor": "",
             "rae.num_samples": str(s.num_per_class * cfg.data.num_classes),
             "rae.model": cfg.generator.model, "rae.encoder": cfg.encoder.name,
-            "rae.decoder": cfg.decoder.model, "rae.steps": str(cfg.generator.steps),
+            "rae.decoder": decoder_label(cfg), "rae.steps": str(cfg.generator.steps),
             "rae.sampler": s.sampler, "rae.sampling_steps": str(s.steps),
             "rae.guidance": s.guidance, "rae.scale": str(s.scale if s.guidance != "none" else 0)}
 
 
 def registered_name(cfg: Config, kind: str) -> str:
+    """e.g. rae-generator-digits-32; a VAE family's models are vae-..., kept apart."""
     tags = _group_tags(cfg)
-    return f"rae-{kind}-{tags['rae.dataset']}-{cfg.data.resolution}"
+    return f"{cfg.autoencoder.kind}-{kind}-{tags['rae.dataset']}-{cfg.data.resolution}"
 
 
 def _register_model(name: str, cfg: Config, paths: Paths, run_id: str) -> None:
@@ -93,7 +106,8 @@ def _after_stage(name: str, cfg: Config, paths: Paths, run_id: str, out: dict) -
             group = " / ".join(f"{k}={tags['rae.' + k]}" for k in
                                ("dataset", "resolution", "extractor", "num_samples"))
             tracking.end_run(run_id)
-            crown_champion(cfg.tracking.experiment, registered_name(cfg, "generator"), group)
+            crown_champion(cfg.tracking.experiment, registered_name(cfg, "generator"), group,
+                           family(cfg))
 
 
 def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
