@@ -22,6 +22,19 @@ from rae_core.paths import Paths
 SELF_PRETRAINED = ("mae-tiny", "mae-micro")
 
 
+def latent_shape(cfg: Config) -> tuple[int, int, int]:
+    """(C, H, W) of the configured autoencoder's latent, from its config (no weights read)."""
+    if cfg.autoencoder.kind == "vae":
+        from rae_core.vae import vae_latent_shape
+
+        return vae_latent_shape(cfg.encoder.name, cfg.data.resolution)
+    from rae_core.encoders import build_encoder
+
+    with torch.device("meta"):
+        enc = build_encoder(cfg.encoder.name, cfg.data.resolution, random_init=True)
+    return tuple(enc.latent_shape)
+
+
 def needs_pretraining(cfg: Config) -> bool:
     """Autoencoders the platform pretrains itself when no weights are given."""
     if cfg.autoencoder.kind == "vae":

@@ -16,34 +16,39 @@ def _known(key: str, value: str, names: list[str]) -> None:
                           f"(valid: {', '.join(names)})")
 
 
-def latent_channels(cfg: Config) -> int:
-    """The encoder's latent width, from an untrained instance (no weights are read)."""
-    import torch
-
-    from rae_core.encoders import build_encoder
-
-    with torch.device("meta"):
-        enc = build_encoder(cfg.encoder.name, cfg.data.resolution, random_init=True)
-    return enc.latent_shape[0]
+GENERATOR_FAMILIES = {"flow": ("dit", "ditdh"), "ddpm": ("dit_ddpm",)}
 
 
 def check_registries(cfg: Config) -> None:
-    """Encoder, decoder and DiT names exist, and the DiT is at least as wide as the latent."""
+    """Autoencoder, decoder and generator names exist and fit their kinds, and the generator is
+    at least as wide as its tokens."""
+    from rae_core.autoencoder import latent_shape
     from rae_core.decoder import DECODERS
     from rae_core.encoders import ENCODERS
-    from rae_core.models import MODELS, check_width
+    from rae_core.models import MODELS, check_width, get_config
 
-    _known("encoder.name", cfg.encoder.name, list(ENCODERS))
-    _known("decoder.model", cfg.decoder.model, list(DECODERS))
-    _known("generator.model", cfg.generator.model, list(MODELS))
+    if cfg.autoencoder.kind == "vae":
+        from rae_core.vae import VAE_CONFIGS
+
+        _known("encoder.name", cfg.encoder.name, list(VAE_CONFIGS))
+    else:
+        _known("encoder.name", cfg.encoder.name, list(ENCODERS))
+        _known("decoder.model", cfg.decoder.model, list(DECODERS))
+    g = cfg.generator
+    _known("generator.model", g.model, list(MODELS))
+    families = GENERATOR_FAMILIES[g.kind]
+    if get_config(g.model).family not in families:
+        fits = [n for n in MODELS if MODELS[n].family in families]
+        raise ConfigError(f"generator.model: {g.model!r} is not a model of generator.kind="
+                          f"{g.kind} (valid: {', '.join(fits)})")
     try:
-        check_width(cfg.generator.model, latent_channels(cfg), **cfg.generator.overrides())
+        check_width(g.model, latent_shape(cfg)[0], **g.overrides())
     except ValueError as e:
         raise ConfigError(f"generator.model: {e}") from None
 
 
 def model_table() -> str:
-    """Every registered generator and decoder with its parameter count (meta device)."""
+    """Every registered generator, decoder and VAE with its parameter count (meta device)."""
     from rae_core.decoder import DECODERS, decoder_param_count
     from rae_core.models import MODELS, count_params
 
