@@ -31,8 +31,8 @@ from rae_core.train.common import write_json
 log = logging.getLogger(__name__)
 KIND = "reproduce"
 # what decides the numbers; schedules, tracking and the Ray layout do not
-RESULT_SECTIONS = ("seed", "data", "encoder", "stats", "extract", "decoder", "generator", "sample",
-                   "evaluate")
+RESULT_SECTIONS = ("seed", "data", "autoencoder", "encoder", "stats", "extract", "decoder",
+                   "generator", "sample", "evaluate")
 
 
 def code_revision(root: Path) -> str:
