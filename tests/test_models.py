@@ -1,4 +1,4 @@
-"""DiT / DiT-DH models and their registry: shapes, sizes, zero-init, width rule, FLOPs."""
+"""Generators and their registry: shapes, sizes, zero-init, width rule, patches, FLOPs."""
 
 import math
 
@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from rae_core.models import (
     MODELS,
     DiT,
+    DiTDDPM,
     DiTDH,
     ModelConfigError,
     build_model,
@@ -16,12 +17,27 @@ from rae_core.models import (
     count_params,
     get_config,
     model_flops_per_image,
+    model_macs,
 )
-from rae_core.models.blocks import LabelEmbedder, RoPE2D
+from rae_core.models.blocks import LabelEmbedder, RoPE2D, patchify, unpatchify
 from rae_core.transport import Transport
 
-SMALL = [n for n in MODELS if n.endswith(("tiny", "micro"))]
+SMALL = [n for n in MODELS if "tiny" in n or "micro" in n]
 BIG = [n for n in MODELS if n not in SMALL]
+CLASSES = {"dit": DiT, "ditdh": DiTDH, "dit_ddpm": DiTDDPM}
+
+
+def _latent(name: str) -> tuple[int, int, int]:
+    """(channels, grid, classes) of the latent a model is meant for: RAE's 64x4x4 or 768x16x16,
+    a VAE's 4x8x8 or 4x32x32 for patched models."""
+    small = name in SMALL
+    if get_config(name).patch > 1:
+        return (4, 8, 10) if small else (4, 32, 1000)
+    return (64, 4, 10) if small else (768, 16, 1000)
+
+
+def _out_channels(model: torch.nn.Module) -> int:
+    return model.in_channels * (2 if getattr(model, "learn_sigma", False) else 1)
 
 
 def _inputs(b: int, c: int, g: int, num_classes: int):
@@ -39,19 +55,21 @@ def test_registry_has_paper_and_laptop_models():
 @pytest.mark.parametrize("name", SMALL)
 def test_small_models_forward_shape(name):
     torch.manual_seed(0)
-    model = build_model(name, in_channels=64, grid_size=4, num_classes=10)
-    assert isinstance(model, DiTDH if name.startswith("DiTDH") else DiT)
-    out = model(*_inputs(3, 64, 4, 10))
-    assert out.shape == (3, 64, 4, 4)
+    c, g, k = _latent(name)
+    model = build_model(name, in_channels=c, grid_size=g, num_classes=k)
+    assert isinstance(model, CLASSES[get_config(name).family])
+    out = model(*_inputs(3, c, g, k))
+    assert out.shape == (3, _out_channels(model), g, g)
     assert out.dtype == torch.float32
 
 
 @pytest.mark.parametrize("name", BIG)
 def test_big_models_forward_shape_on_meta(name):
+    c, g, k = _latent(name)
     with torch.device("meta"):
-        model = build_model(name, 768, 16, 1000, allow_narrow=True).eval()
-        out = model(*_inputs(2, 768, 16, 1000))
-    assert out.shape == (2, 768, 16, 16)
+        model = build_model(name, c, g, k, allow_narrow=True).eval()
+        out = model(*_inputs(2, c, g, k))
+    assert out.shape == (2, _out_channels(model), g, g)
     assert out.is_meta
 
 
@@ -67,16 +85,21 @@ def test_laptop_models_are_small():
         assert 1e6 <= count_params(name, 64, 4, 10) <= 3e6
     for name in ("DiT-micro", "DiTDH-micro"):
         assert count_params(name, 64, 4, 10) < 1e6
+    assert 0.5e6 <= count_params("DiT-tiny/2", 4, 8, 10) <= 3e6
+    assert 0.5e6 <= count_params("DiTDH-tiny/2", 4, 8, 10) <= 3e6
+    assert count_params("DiT-micro/2", 4, 8, 10) < 1e6
 
 
-@pytest.mark.parametrize("name", ["DiT-tiny", "DiTDH-tiny"])
+@pytest.mark.parametrize("name", ["DiT-tiny", "DiTDH-tiny", "DiTDH-tiny/2", "DiT-tiny/2"])
 def test_output_is_exactly_zero_at_init_but_trainable(name):
     torch.manual_seed(0)
-    model = build_model(name, 64, 4, 10)
-    x, t, y = _inputs(4, 64, 4, 10)
+    c, g, k = _latent(name)
+    model = build_model(name, c, g, k)
+    x, t, y = _inputs(4, c, g, k)
     assert torch.count_nonzero(model(x, t, y)) == 0
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model(x, t, y).sub(torch.randn_like(x)).pow(2).mean().backward()
+    target = torch.randn(4, _out_channels(model), g, g)
+    model(x, t, y).sub(target).pow(2).mean().backward()
     opt.step()
     assert torch.count_nonzero(model(x, t, y)) > 0
 
@@ -153,15 +176,72 @@ def test_rope_depends_only_on_relative_position():
     assert torch.allclose(rope(q.expand(1, 1, 16, 8)).norm(dim=-1), q.norm().expand(1, 1, 16))
 
 
-@pytest.mark.parametrize("name", ["DiT-micro", "DiTDH-micro", "DiTDH-tiny"])
+@pytest.mark.parametrize("name", ["DiT-micro", "DiTDH-micro", "DiTDH-tiny", "DiTDH-tiny/2",
+                                  "DiT-micro/2"])
 def test_flops_match_torch_flop_counter(name):
+    c, g, k = _latent(name)
     with torch.device("meta"):  # on meta, SDPA is counted as its matmuls
-        model = build_model(name, 64, 4, 10).eval()
-        inputs = _inputs(2, 64, 4, 10)
+        model = build_model(name, c, g, k).eval()
+        inputs = _inputs(2, c, g, k)
         with FlopCounterMode(display=False) as counter:
             model(*inputs)
-    assert counter.get_total_flops() / 2 == pytest.approx(model_flops_per_image(name, 64, 4),
+    assert counter.get_total_flops() / 2 == pytest.approx(model_flops_per_image(name, c, g),
                                                           rel=1e-9)
+    assert model_flops_per_image(name, c, g) == 2 * model_macs(name, c, g)
+
+
+def test_patchify_is_a_row_major_grid_of_squares_and_unpatchify_inverts_it():
+    x = torch.randn(2, 3, 8, 8)
+    tokens = patchify(x, 2)
+    assert tokens.shape == (2, 16, 12)
+    # token 5 = row 1, col 1: the square x[:, :, 2:4, 2:4], its values (row, col, channel)
+    assert torch.equal(tokens[:, 5], x[:, :, 2:4, 2:4].permute(0, 2, 3, 1).reshape(2, 12))
+    assert torch.equal(unpatchify(tokens, 2, 8), x)
+    assert torch.equal(patchify(x, 1), x.flatten(2).transpose(1, 2))  # patch 1: one token a pixel
+
+
+def test_patched_flow_model_runs_on_a_vae_latent():
+    """DiTDH-tiny/2 on a 4x8x8 latent: 16 tokens of 16 values, as DiTDH-tiny on 64x4x4."""
+    torch.manual_seed(0)
+    model = build_model("DiTDH-tiny/2", 4, 8, 10)
+    assert model.patch == 2 and not hasattr(model, "learn_sigma")
+    assert model.body.pos_embed.shape == build_model("DiTDH-tiny", 64, 4, 10).body.pos_embed.shape
+    assert (model.body.x_embed.in_features, model.x_embed.in_features) == (16, 16)
+    assert model.final.linear.out_features == 16
+    assert build_model("DiT-micro", 4, 8, 10, patch=2).body.x_embed.in_features == 16
+    with pytest.raises(ModelConfigError, match="8x8 latent does not split into 3x3 patches"):
+        build_model("DiT-micro", 4, 8, 10, patch=3)
+    with pytest.raises(ModelConfigError, match="patch must be positive"):
+        build_model("DiT-micro", 4, 8, 10, patch=0)
+
+
+def test_patch_one_keeps_the_flow_models_state_dicts():
+    for name in ("DiT-micro", "DiTDH-micro"):
+        base = build_model(name, 64, 4, 10).state_dict()
+        patch1 = build_model(name, 64, 4, 10, patch=1).state_dict()
+        assert {k: v.shape for k, v in base.items()} == {k: v.shape for k, v in patch1.items()}
+        assert base["body.x_embed.weight"].shape == (64, 64)
+
+
+def test_width_rule_counts_the_values_of_a_patch():
+    check_width("DiTDH-tiny/2", 4)  # 128 wide head, 16 values a token
+    with pytest.raises(ModelConfigError, match=r"128 of DiTDH-tiny/2 is below the 256 values of "
+                                               r"a 2x2 patch of 64 channels.*hidden >= 256"):
+        check_width("DiTDH-tiny/2", 64)
+
+
+def test_learn_sigma_defaults_to_the_family():
+    assert build_model("DiT-micro/2", 4, 8, 10).learn_sigma
+    assert build_model("DiT-micro/2", 4, 8, 10)(*_inputs(1, 4, 8, 10)).shape[1] == 8
+    fixed = build_model("DiT-micro/2", 4, 8, 10, learn_sigma=False)
+    assert fixed(*_inputs(1, 4, 8, 10)).shape[1] == 4
+    assert count_params("DiT-micro/2", 4, 8, 10, learn_sigma=False) == \
+        count_params("DiT-micro/2", 4, 8, 10) - 4 * 4 * (64 + 1)  # output linear: 2*2*4 fewer
+    assert model_macs("DiT-micro/2", 4, 8, learn_sigma=False) == \
+        model_macs("DiT-micro/2", 4, 8) - 16 * 64 * 16
+    build_model("DiT-micro", 64, 4, 10, learn_sigma=False)
+    with pytest.raises(ModelConfigError, match="learn_sigma is for dit_ddpm.*velocity"):
+        build_model("DiT-micro", 64, 4, 10, learn_sigma=True)
 
 
 def test_flops_of_paper_models_are_plausible():

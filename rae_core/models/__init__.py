@@ -1,6 +1,7 @@
-"""Stage-2 generators: DiT and DiT-DH on RAE latents, and their registry."""
+"""Stage-2 generators: flow-matching DiT and DiT-DH, the original DiT (DDPM), and their registry."""
 
 from rae_core.models.dit import DiT
+from rae_core.models.dit_ddpm import DiTDDPM
 from rae_core.models.ditdh import DiTDH
 from rae_core.models.registry import (
     MODELS,
@@ -11,11 +12,13 @@ from rae_core.models.registry import (
     count_params,
     get_config,
     model_flops_per_image,
+    model_macs,
 )
 
 __all__ = [
     "MODELS",
     "DiT",
+    "DiTDDPM",
     "DiTDH",
     "ModelConfig",
     "ModelConfigError",
@@ -24,4 +27,5 @@ __all__ = [
     "count_params",
     "get_config",
     "model_flops_per_image",
+    "model_macs",
 ]

@@ -1,8 +1,9 @@
-"""Building blocks shared by DiT and DiT-DH (LightningDiT-style).
+"""Building blocks shared by DiT and DiT-DH (LightningDiT-style), some also by DiT-DDPM.
 
-RMSNorm, SwiGLU, axial 2D RoPE, attention, adaLN-Zero blocks and the time / label embedders.
-A condition `c` is either per sample, shape (B, 1, D), or per token, shape (B, N, D); every
-adaLN modulation broadcasts over the token axis, so one block serves both cases.
+RMSNorm, SwiGLU, axial 2D RoPE, attention, adaLN-Zero blocks, the time / label embedders and
+patchify / unpatchify. A condition `c` is either per sample, shape (B, 1, D), or per token,
+shape (B, N, D); every adaLN modulation broadcasts over the token axis, so one block serves
+both cases.
 """
 
 from __future__ import annotations
@@ -24,6 +25,20 @@ def zero_linear(linear: nn.Linear) -> nn.Linear:
     nn.init.zeros_(linear.weight)
     nn.init.zeros_(linear.bias)
     return linear
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C): one token per p x p square, row-major, channels last."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // patch, patch, W // patch, patch)  # (B, C, h, p, w, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // patch) * (W // patch), -1)
+
+
+def unpatchify(tokens: torch.Tensor, patch: int, grid_size: int) -> torch.Tensor:
+    """(B, N, p*p*C) -> (B, C, H, W) with H = W = grid_size; the inverse of `patchify`."""
+    B, g = tokens.shape[0], grid_size // patch
+    x = tokens.reshape(B, g, g, patch, patch, -1)  # (B, h, w, p, p, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, -1, grid_size, grid_size)
 
 
 def swiglu_hidden(dim: int, mlp_ratio: float = 4.0) -> int:

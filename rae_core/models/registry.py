@@ -1,7 +1,11 @@
-"""The one registry of named DiT / DiT-DH configurations, and how to build, size and cost them.
+"""The one registry of named generator configurations, and how to build, size and cost them.
 
-Paper models (DiT table widths; DiT-DH heads 2048 wide, 2 deep, 16 heads) plus `tiny` models
-for a laptop CPU (64-channel 4x4 latent) and `micro` ones for seconds-long smoke tests.
+Three families: the flow models of RAE, `dit` (LightningDiT-style) and `ditdh` (with a wide DDT
+head), and `dit_ddpm`, the original DiT of Peebles & Xie trained with IDDPM diffusion
+(rae_core.diffusion). Paper models use the DiT table widths (DiT-DH heads 2048 wide, 2 deep, 16
+heads); `DiT-S/2` ... `DiT-XL/8` are the original DiT at patch 2, 4, 8 (sized on a 4x32x32
+SD-VAE latent). `tiny` models are for a laptop CPU (64-channel 4x4 latent, or 4x8x8 at patch 2)
+and `micro` ones for seconds-long smoke tests.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 from rae_core.errors import ConfigError
 from rae_core.models.blocks import swiglu_hidden
 from rae_core.models.dit import DiT
+from rae_core.models.dit_ddpm import DiTDDPM
 from rae_core.models.ditdh import DiTDH
 
 
@@ -26,7 +31,7 @@ class ModelConfigError(ConfigError, ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: Literal["dit", "ditdh"]
+    family: Literal["dit", "ditdh", "dit_ddpm"]
     hidden: int
     depth: int
     heads: int
@@ -36,11 +41,17 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     qk_norm: bool = False  # the reference's released configs leave it off
     label_std: float = 0.02  # class-table init; see LabelEmbedder
+    patch: int = 1  # a token is a patch x patch square of the latent
 
     @property
     def width(self) -> int:
         """The width the latent must pass through to be predicted: the head's for DiT-DH."""
         return self.head_hidden if self.family == "ditdh" else self.hidden
+
+    @property
+    def learn_sigma(self) -> bool:
+        """The family's own choice: DiT-DDPM also predicts its variance, flow models do not."""
+        return self.family == "dit_ddpm"
 
 
 _BODIES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -49,6 +60,8 @@ MODELS: dict[str, ModelConfig] = {
     **{f"DiT-{k}": ModelConfig("dit", *v) for k, v in _BODIES.items()},
     **{f"DiTDH-{k}": ModelConfig("ditdh", *v, head_hidden=2048, head_depth=2, head_heads=16)
        for k, v in _BODIES.items()},
+    **{f"DiT-{k}/{p}": ModelConfig("dit_ddpm", *v, patch=p)
+       for k, v in _BODIES.items() for p in (2, 4, 8)},
     # CPU configs train for hundreds of steps, not hundreds of thousands: with a unit-scale
     # class table (label_std=1) DiTDH-tiny's samples after 600 steps matched their class 83% of
     # the time against 18% with 0.02 (CFG 5, s = 1; docs/benchmarks.md)
@@ -59,6 +72,11 @@ MODELS: dict[str, ModelConfig] = {
     "DiT-micro": ModelConfig("dit", 64, 2, 2, label_std=1.0),
     "DiTDH-micro": ModelConfig("ditdh", 64, 2, 2, head_hidden=128, head_depth=2, head_heads=2,
                                label_std=1.0),
+    # for a 4x8x8 VAE latent: 16 tokens of 16 values, as many tokens as a 64x4x4 RAE latent
+    "DiTDH-tiny/2": ModelConfig("ditdh", 96, 3, 4, head_hidden=128, head_depth=2, head_heads=4,
+                                label_std=1.0, patch=2),
+    "DiT-tiny/2": ModelConfig("dit_ddpm", 128, 4, 4, label_std=1.0, patch=2),
+    "DiT-micro/2": ModelConfig("dit_ddpm", 64, 2, 2, label_std=1.0, patch=2),
 }
 
 
@@ -89,6 +107,10 @@ def _label(name: str | ModelConfig, overrides: dict) -> str:
 
 
 def _validate(label: str, cfg: ModelConfig) -> None:
+    if cfg.patch < 1:
+        raise ModelConfigError(f"{label}: patch must be positive, got {cfg.patch}")
+    if cfg.family == "dit_ddpm" and cfg.qk_norm:
+        raise ModelConfigError(f"{label}: the original DiT has no qk_norm")
     parts = [("", cfg.hidden, cfg.depth, cfg.heads)]
     if cfg.family == "ditdh":
         parts.append(("head_", cfg.head_hidden, cfg.head_depth, cfg.head_heads))
@@ -96,78 +118,118 @@ def _validate(label: str, cfg: ModelConfig) -> None:
         if min(hidden, depth, heads) < 1:
             raise ModelConfigError(f"{label}: {prefix}hidden, {prefix}depth and {prefix}heads "
                                    f"must be positive, got {hidden}, {depth}, {heads}")
+        if cfg.family == "dit_ddpm":  # no RoPE; the 2D sin-cos table needs a width of 4k
+            if hidden % heads or hidden % 4:
+                raise ModelConfigError(f"{label}: hidden {hidden} must be divisible by heads "
+                                       f"{heads} and by 4 (2D sin-cos position embedding)")
         # 2D RoPE splits each head in two halves of rotation pairs; sin-cos likewise the width
-        if hidden % heads or (hidden // heads) % 4:
+        elif hidden % heads or (hidden // heads) % 4:
             raise ModelConfigError(f"{label}: {prefix}hidden {hidden} must split into "
                                    f"{prefix}heads {heads} of a size divisible by 4 (2D RoPE)")
 
 
 def check_width(name_or_config: str | ModelConfig, in_channels: int, **overrides) -> None:
-    """Refuse a model narrower than the latent's channels (the RAE width rule)."""
+    """Refuse a model narrower than its tokens' p*p*C values (the RAE width rule)."""
     cfg = get_config(name_or_config, **overrides)
-    if cfg.width < in_channels:
+    need = cfg.patch * cfg.patch * in_channels
+    if cfg.width < need:
+        tokens = (f"latent's {in_channels} channels" if cfg.patch == 1 else
+                  f"{need} values of a {cfg.patch}x{cfg.patch} patch of {in_channels} channels")
         raise ModelConfigError(
             f"hidden width {cfg.width} of {_label(name_or_config, overrides)} is below the "
-            f"latent's {in_channels} channels: a DiT narrower than its latent cannot even fit "
-            f"one sample (RAE width rule); pick a model with hidden >= {in_channels}")
+            f"{tokens}: a DiT narrower than its tokens cannot even fit one sample (RAE width "
+            f"rule); pick a model with hidden >= {need}")
+
+
+def _learn_sigma(name: str | ModelConfig, cfg: ModelConfig, overrides: dict,
+                 learn_sigma: bool | None) -> bool:
+    if learn_sigma is None:
+        return cfg.learn_sigma
+    if learn_sigma and cfg.family != "dit_ddpm":
+        raise ModelConfigError(f"{_label(name, overrides)}: learn_sigma is for dit_ddpm models; "
+                               f"a {cfg.family} model predicts a velocity")
+    return learn_sigma
 
 
 def build_model(name: str | ModelConfig, in_channels: int, grid_size: int, num_classes: int,
                 label_dropout: float = 0.1, allow_narrow: bool = False,
-                **overrides) -> nn.Module:
-    """A DiT or DiT-DH for (B, in_channels, grid_size, grid_size) latents; forward(x, t, y).
+                learn_sigma: bool | None = None, **overrides) -> nn.Module:
+    """A generator for (B, in_channels, grid_size, grid_size) latents; forward(x, t, y).
 
-    `overrides` replace fields of the registered config (hidden, depth, heads, ...; None is
-    ignored). A model narrower than the latent is refused unless `allow_narrow` (the width
-    ablation builds such models on purpose).
+    `overrides` replace fields of the registered config (hidden, depth, heads, patch, ...; None
+    is ignored). A model narrower than its tokens is refused unless `allow_narrow` (the width
+    ablation builds such models on purpose). `learn_sigma` makes a dit_ddpm model also output
+    C channels of variance interpolation (2C in all); None keeps the family's choice: True for
+    dit_ddpm (DiT's recipe), False for the flow families, which refuse True.
     """
     cfg = get_config(name, **overrides)
     if not allow_narrow:
         check_width(name, in_channels, **overrides)
+    if grid_size % cfg.patch:
+        raise ModelConfigError(f"{_label(name, overrides)}: the {grid_size}x{grid_size} latent "
+                               f"does not split into {cfg.patch}x{cfg.patch} patches")
+    learn_sigma = _learn_sigma(name, cfg, overrides, learn_sigma)
     common = dict(in_channels=in_channels, grid_size=grid_size, num_classes=num_classes,
                   hidden=cfg.hidden, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
-                  qk_norm=cfg.qk_norm, label_dropout=label_dropout,
-                  label_std=cfg.label_std)
+                  label_dropout=label_dropout, label_std=cfg.label_std, patch=cfg.patch)
+    if cfg.family == "dit_ddpm":
+        return DiTDDPM(**common, learn_sigma=learn_sigma)
     if cfg.family == "dit":
-        return DiT(**common)
-    return DiTDH(**common, head_hidden=cfg.head_hidden, head_depth=cfg.head_depth,
-                 head_heads=cfg.head_heads)
+        return DiT(**common, qk_norm=cfg.qk_norm)
+    return DiTDH(**common, qk_norm=cfg.qk_norm, head_hidden=cfg.head_hidden,
+                 head_depth=cfg.head_depth, head_heads=cfg.head_heads)
 
 
 def count_params(name: str | ModelConfig, in_channels: int = 768, grid_size: int = 16,
-                 num_classes: int = 1000, **overrides) -> int:
-    """Trainable parameters, counted on the meta device (nothing is allocated)."""
+                 num_classes: int = 1000, learn_sigma: bool | None = None, **overrides) -> int:
+    """Trainable parameters, counted on the meta device (nothing is allocated).
+
+    The fixed sin-cos position table is a buffer, not counted (the DiT paper's counts include
+    it: (grid_size / patch)^2 x hidden values more)."""
     with torch.device("meta"):
         model = build_model(name, in_channels, grid_size, num_classes, allow_narrow=True,
-                            **overrides)
+                            learn_sigma=learn_sigma, **overrides)
     return sum(p.numel() for p in model.parameters())
 
 
-def model_flops_per_image(name: str | ModelConfig, in_channels: int, grid_size: int,
-                          **overrides) -> float:
-    """Forward FLOPs of one image: 2 x the multiply-accumulates of every matmul, attention's
-    QK^T and AV included (norms, activations and the label lookup are left out).
-    A training step costs about 3x this (forward + backward)."""
+def model_macs(name: str | ModelConfig, in_channels: int, grid_size: int,
+               learn_sigma: bool | None = None, **overrides) -> int:
+    """Forward multiply-accumulates of one image: every matmul (the patch conv as one), attention's
+    QK^T and AV included; norms, activations and the label lookup are left out. The DiT paper's
+    "GFLOPs" are these (DiT-XL/2 on a 4x32x32 latent: 118.6 G)."""
     cfg = get_config(name, **overrides)
-    n, c = grid_size * grid_size, in_channels
+    n = (grid_size // cfg.patch) ** 2  # tokens
+    c = cfg.patch * cfg.patch * in_channels  # values per token
     d = cfg.hidden
     macs = n * c * d  # patch embedding
+    if cfg.family == "dit_ddpm":
+        out = 2 * c if _learn_sigma(name, cfg, overrides, learn_sigma) else c
+        macs += 256 * d + d * d  # time embedding MLP (256 sinusoidal features)
+        macs += cfg.depth * _block_macs(n, d, 2 * d * int(d * cfg.mlp_ratio), cond_tokens=1)
+        return macs + 2 * d * d + n * d * out  # final adaLN and output linear
+    swiglu = 3 * d * swiglu_hidden(d, cfg.mlp_ratio)  # w12 (d -> 2h) and w3 (h -> d)
     macs += 2 * 256 * d + d * d  # time embedding MLP (256 Fourier frequencies, sin and cos)
-    macs += cfg.depth * _block_macs(n, d, cfg.mlp_ratio, cond_tokens=1)
+    macs += cfg.depth * _block_macs(n, d, swiglu, cond_tokens=1)
     if cfg.family == "dit":
-        macs += 2 * d * d + n * d * c  # final adaLN (per sample) and output linear
-    else:
-        dh = cfg.head_hidden
-        macs += n * d * dh if d != dh else 0  # condition projection
-        macs += n * c * dh  # head patch embedding
-        macs += cfg.head_depth * _block_macs(n, dh, cfg.mlp_ratio, cond_tokens=n)
-        macs += n * 2 * dh * dh + n * dh * c  # final adaLN (per token) and output linear
-    return 2.0 * macs
+        return macs + 2 * d * d + n * d * c  # final adaLN (per sample) and output linear
+    dh = cfg.head_hidden
+    macs += n * d * dh if d != dh else 0  # condition projection
+    macs += n * c * dh  # head patch embedding
+    macs += cfg.head_depth * _block_macs(n, dh, 3 * dh * swiglu_hidden(dh, cfg.mlp_ratio),
+                                         cond_tokens=n)
+    return macs + n * 2 * dh * dh + n * dh * c  # final adaLN (per token) and output linear
 
 
-def _block_macs(n: int, d: int, mlp_ratio: float, cond_tokens: int) -> int:
-    h = swiglu_hidden(d, mlp_ratio)
+def model_flops_per_image(name: str | ModelConfig, in_channels: int, grid_size: int,
+                          learn_sigma: bool | None = None, **overrides) -> float:
+    """Forward FLOPs of one image, 2 x `model_macs`. A training step costs about 3x this
+    (forward + backward)."""
+    return 2.0 * model_macs(name, in_channels, grid_size, learn_sigma, **overrides)
+
+
+def _block_macs(n: int, d: int, mlp_macs: int, cond_tokens: int) -> int:
+    """One adaLN block over n tokens of width d; `mlp_macs` is its MLP's cost per token."""
     return (cond_tokens * d * 6 * d  # adaLN, once per sample (DiT) or per token (DiT-DH head)
             + n * d * 3 * d + n * d * d  # qkv and output projections
             + 2 * n * n * d  # QK^T and AV
-            + n * d * 3 * h)  # SwiGLU: w12 (d -> 2h) and w3 (h -> d)
+            + n * mlp_macs)
