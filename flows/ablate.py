@@ -22,7 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import tracking
 from flows.pipeline import one_line, run_stage
-from rae_core import ablation
+from rae_core import ablations as ablation
 from rae_core.config import Config, from_dict
 from rae_core.errors import RaeError
 from rae_core.locking import project_lock

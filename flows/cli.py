@@ -122,7 +122,7 @@ def _dispatch(args, root: Path) -> int:
         serve(cfg, root)
         return 0
     if args.command == "ablate":
-        from rae_core.ablation import make_plan
+        from rae_core.ablations import make_plan
 
         make_plan(cfg)  # every arm's configuration is validated before anything starts
         from flows.ablate import ablate_flow

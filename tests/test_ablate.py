@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rae_core import ablation
+from rae_core import ablations as ablation
 from rae_core.errors import ConfigError
 from rae_core.presets import load_config
 

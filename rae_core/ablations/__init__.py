@@ -81,7 +81,7 @@ DOES_NOT_HOLD = "does not hold"
 def size_for(preset: str) -> AblationSize:
     if preset not in SIZES:
         raise ConfigError(f"preset {preset!r} has no ablation sizes "
-                          f"(valid: {', '.join(SIZES)}); see rae_core/ablation.py")
+                          f"(valid: {', '.join(SIZES)}); see rae_core/ablations")
     return SIZES[preset]
 
 
