@@ -18,6 +18,7 @@ from rae_core.models import (
     get_config,
     model_flops_per_image,
     model_macs,
+    reference_latent,
 )
 from rae_core.models.blocks import LabelEmbedder, RoPE2D, patchify, unpatchify
 from rae_core.transport import Transport
@@ -27,13 +28,6 @@ BIG = [n for n in MODELS if n not in SMALL]
 CLASSES = {"dit": DiT, "ditdh": DiTDH, "dit_ddpm": DiTDDPM}
 
 
-def _latent(name: str) -> tuple[int, int, int]:
-    """(channels, grid, classes) of the latent a model is meant for: RAE's 64x4x4 or 768x16x16,
-    a VAE's 4x8x8 or 4x32x32 for patched models."""
-    small = name in SMALL
-    if get_config(name).patch > 1:
-        return (4, 8, 10) if small else (4, 32, 1000)
-    return (64, 4, 10) if small else (768, 16, 1000)
 
 
 def _out_channels(model: torch.nn.Module) -> int:
@@ -42,6 +36,13 @@ def _out_channels(model: torch.nn.Module) -> int:
 
 def _inputs(b: int, c: int, g: int, num_classes: int):
     return torch.randn(b, c, g, g), torch.rand(b), torch.randint(0, num_classes + 1, (b,))
+
+
+def test_reference_latents():
+    assert reference_latent("DiT-XL") == (768, 16, 1000)
+    assert reference_latent("DiT-XL/2") == reference_latent("DiT-S/8") == (4, 32, 1000)
+    assert reference_latent("DiTDH-tiny") == (64, 4, 10)
+    assert reference_latent("DiTDH-tiny/2") == reference_latent("DiT-micro/2") == (4, 8, 10)
 
 
 def test_registry_has_paper_and_laptop_models():
@@ -55,7 +56,7 @@ def test_registry_has_paper_and_laptop_models():
 @pytest.mark.parametrize("name", SMALL)
 def test_small_models_forward_shape(name):
     torch.manual_seed(0)
-    c, g, k = _latent(name)
+    c, g, k = reference_latent(name)
     model = build_model(name, in_channels=c, grid_size=g, num_classes=k)
     assert isinstance(model, CLASSES[get_config(name).family])
     out = model(*_inputs(3, c, g, k))
@@ -65,7 +66,7 @@ def test_small_models_forward_shape(name):
 
 @pytest.mark.parametrize("name", BIG)
 def test_big_models_forward_shape_on_meta(name):
-    c, g, k = _latent(name)
+    c, g, k = reference_latent(name)
     with torch.device("meta"):
         model = build_model(name, c, g, k, allow_narrow=True).eval()
         out = model(*_inputs(2, c, g, k))
@@ -93,7 +94,7 @@ def test_laptop_models_are_small():
 @pytest.mark.parametrize("name", ["DiT-tiny", "DiTDH-tiny", "DiTDH-tiny/2", "DiT-tiny/2"])
 def test_output_is_exactly_zero_at_init_but_trainable(name):
     torch.manual_seed(0)
-    c, g, k = _latent(name)
+    c, g, k = reference_latent(name)
     model = build_model(name, c, g, k)
     x, t, y = _inputs(4, c, g, k)
     assert torch.count_nonzero(model(x, t, y)) == 0
@@ -179,7 +180,7 @@ def test_rope_depends_only_on_relative_position():
 @pytest.mark.parametrize("name", ["DiT-micro", "DiTDH-micro", "DiTDH-tiny", "DiTDH-tiny/2",
                                   "DiT-micro/2"])
 def test_flops_match_torch_flop_counter(name):
-    c, g, k = _latent(name)
+    c, g, k = reference_latent(name)
     with torch.device("meta"):  # on meta, SDPA is counted as its matmuls
         model = build_model(name, c, g, k).eval()
         inputs = _inputs(2, c, g, k)

@@ -13,6 +13,7 @@ from rae_core.models.registry import (
     get_config,
     model_flops_per_image,
     model_macs,
+    reference_latent,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "get_config",
     "model_flops_per_image",
     "model_macs",
+    "reference_latent",
 ]

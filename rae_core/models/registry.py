@@ -80,6 +80,16 @@ MODELS: dict[str, ModelConfig] = {
 }
 
 
+def reference_latent(name: str) -> tuple[int, int, int]:
+    """(channels, grid, classes) of the latent a registered model is sized on: RAE's
+    768x16x16 (DINOv2-B at 256 px) or, for patched models, SD-VAE's 4x32x32; the CPU configs'
+    64x4x4 or 4x8x8 with 10 classes."""
+    small = "tiny" in name or "micro" in name
+    if get_config(name).patch > 1:
+        return (4, 8, 10) if small else (4, 32, 1000)
+    return (64, 4, 10) if small else (768, 16, 1000)
+
+
 def get_config(name: str | ModelConfig, **overrides) -> ModelConfig:
     """The registered config (or the given one) with the non-None overrides applied."""
     if isinstance(name, ModelConfig):
