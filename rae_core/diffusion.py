@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rae_core.transport import _randn
+from rae_core.transport import randn_on_generator
 
 OutputFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -160,7 +160,7 @@ class GaussianDiffusion:
         if t is None:
             t = self.sample_timesteps(x0.shape[0], generator)
         if noise is None:
-            noise = _randn(tuple(x0.shape), x0.device, generator).to(x0.dtype)
+            noise = randn_on_generator(tuple(x0.shape), x0.device, generator).to(x0.dtype)
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, self.timestep_map[t.cpu()].to(x0.device), y).float()
         c = x0.shape[1]
@@ -204,7 +204,7 @@ def sample(output_fn: OutputFn, noise: torch.Tensor, diffusion: GaussianDiffusio
         step = torch.full((x.shape[0],), int(diffusion.timestep_map[i]), device=x.device)
         out = output_fn(x, step)
         needs_noise = i > 0 and (method == "ddpm" or eta > 0)
-        z = _randn(tuple(x.shape), x.device, generator).to(x.dtype) if needs_noise else None
+        z = randn_on_generator(tuple(x.shape), x.device, generator).to(x.dtype) if needs_noise else None
         if method == "ddpm":
             x = diffusion.ddpm_step(out, x, i, z, clip_denoised)
         else:
@@ -255,7 +255,7 @@ def generate(model: nn.Module, y: torch.Tensor, latent_shape: Sequence[int],
         raise ValueError(f"guidance {guidance!r} is not one of none, cfg")
     respaced = (diffusion or GaussianDiffusion()).respaced(steps)
     if noise is None:
-        noise = _randn((y.shape[0], *latent_shape), device, generator)
+        noise = randn_on_generator((y.shape[0], *latent_shape), device, generator)
     noise = noise.to(device)
     mode = model.training
     try:

@@ -28,7 +28,7 @@ def shift_time(t: torch.Tensor, s: float) -> torch.Tensor:
     return s * t / (1 + (s - 1) * t)
 
 
-def _randn(shape: tuple[int, ...], device: torch.device | str,
+def randn_on_generator(shape: tuple[int, ...], device: torch.device | str,
            generator: torch.Generator | None) -> torch.Tensor:
     """Normal draws, taken on the generator's device (so a CPU generator drives GPU runs)."""
     if generator is None:
@@ -50,7 +50,7 @@ class Transport:
         """(batch,) training times: logit-normal(0, 1) or uniform, clipped to [0, t_max],
         then shifted."""
         if self.time_dist == "logit_normal":
-            t = torch.sigmoid(_randn((batch,), device, generator))
+            t = torch.sigmoid(randn_on_generator((batch,), device, generator))
         elif generator is None:
             t = torch.rand(batch, device=device)
         else:
@@ -74,7 +74,7 @@ class Transport:
         `noise` and `t` may be drawn by the caller (for the whole batch before it is split
         into accumulation micro-batches, so that accumulation does not change the draws)."""
         if noise is None:
-            noise = _randn(tuple(x.shape), x.device, generator).to(x.dtype)
+            noise = randn_on_generator(tuple(x.shape), x.device, generator).to(x.dtype)
         if t is None:
             t = self.sample_time(x.shape[0], x.device, generator)
         pred = model(self.interpolate(x, noise, t), t, y)
