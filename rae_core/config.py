@@ -131,6 +131,8 @@ class GeneratorConfig:
     hidden: int | None = _f(None, 1)  # overrides of the registered config (ablations)
     depth: int | None = _f(None, 1)
     heads: int | None = _f(None, 1)
+    patch: int | None = _f(None, 1)  # a token is a patch x patch square (2 on a 4x8x8 VAE latent)
+    head_hidden: int | None = _f(None, 1)  # DiT-DH: the width of its head
     steps: int = _f(800, 1)
     batch_size: int = _f(128, 1)  # global batch, split across workers and accumulation steps
     grad_accum: int = _f(1, 1)
@@ -153,8 +155,10 @@ class GeneratorConfig:
     ckpt_every: int = _f(200, 1)
 
     def overrides(self) -> dict[str, int]:
-        """The registered model config's width/depth/heads replaced where params set them."""
-        pairs = (("hidden", self.hidden), ("depth", self.depth), ("heads", self.heads))
+        """The registered model config's width, depth, heads, patch and DiT-DH head width
+        replaced where params set them."""
+        pairs = (("hidden", self.hidden), ("depth", self.depth), ("heads", self.heads),
+                 ("patch", self.patch), ("head_hidden", self.head_hidden))
         return {k: v for k, v in pairs if v is not None}
 
 
