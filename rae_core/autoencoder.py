@@ -19,15 +19,17 @@ from rae_core.config import Config
 from rae_core.errors import DataError
 from rae_core.paths import Paths
 
-SELF_PRETRAINED = ("mae-tiny", "mae-micro")
+SELF_PRETRAINED = ("mae-tiny", "mae-micro", "mae-tiny-256")
 
 
 def latent_shape(cfg: Config) -> tuple[int, int, int]:
     """(C, H, W) of the configured autoencoder's latent, from its config (no weights read)."""
     if cfg.autoencoder.kind == "vae":
-        from rae_core.vae import vae_latent_shape
+        from rae_core.vae import downsampling, vae_config
 
-        return vae_latent_shape(cfg.encoder.name, cfg.data.resolution)
+        vae = vae_config(cfg.encoder.name)
+        f = downsampling(vae)
+        return vae["latent_channels"], cfg.data.resolution // f, cfg.data.resolution // f
     from rae_core.encoders import build_encoder
 
     with torch.device("meta"):
@@ -44,24 +46,15 @@ def needs_pretraining(cfg: Config) -> bool:
 
 def encoder_weights(cfg: Config, paths: Paths) -> str | None:
     if needs_pretraining(cfg):
-        own = paths.encoder_dir / ("vae" if cfg.autoencoder.kind == "vae" else "encoder.pt")
-        return str(own)
+        return str(paths.encoder_dir / "encoder.pt")
     return cfg.encoder.weights
-
-
-def _vae_parts(cfg: Config, paths: Paths):
-    from rae_core.vae import load_vae_parts
-
-    weights = encoder_weights(cfg, paths)
-    if needs_pretraining(cfg) and not Path(weights).exists():
-        raise DataError(f"{weights}: pretrained {cfg.encoder.name} autoencoder not found; run "
-                        "`rae stage pretrain-encoder` first or set encoder.weights")
-    return load_vae_parts(cfg.encoder.name, weights, cfg.autoencoder.config, cfg.data.resolution)
 
 
 def load_encoder(cfg: Config, paths: Paths, device: torch.device | str = "cpu") -> nn.Module:
     if cfg.autoencoder.kind == "vae":
-        return _vae_parts(cfg, paths)[0].to(device).eval()
+        from rae_core.vae import load_configured_parts
+
+        return load_configured_parts(cfg, paths)[0].to(device).eval()
     from rae_core.encoders import build_encoder
 
     weights = encoder_weights(cfg, paths)
@@ -96,7 +89,9 @@ def build_decoder_for(cfg: Config, paths: Paths, encoder: nn.Module) -> nn.Modul
     """The decoder `train-decoder` trains: a fresh ViT decoder (rae), or the VAE's own decoder
     with its pretrained weights (vae: the fine-tune starts from them)."""
     if cfg.autoencoder.kind == "vae":
-        return _vae_parts(cfg, paths)[1]
+        from rae_core.vae import load_configured_parts
+
+        return load_configured_parts(cfg, paths)[1]
     from rae_core.decoder import build_decoder
 
     c, h, _ = encoder.latent_shape

