@@ -84,7 +84,7 @@ def _vae_family(base: dict, vae: str, pretrain: dict, model: str, sample: dict) 
 
 
 SMOKE_VAE = _vae_family({**SMOKE, "preset": "smoke-vae"}, "vae-micro",
-                        {"steps": 20, "batch_size": 32, "lr": 3e-3, "warmup_steps": 3,
+                        {"steps": 40, "batch_size": 32, "lr": 3e-3, "warmup_steps": 3,
                          "weight_decay": 0.0, "ckpt_every": 10},
                         "DiT-micro/2", {"steps": 10})
 TINY_VAE = _vae_family({**TINY, "preset": "tiny-vae"}, "vae-tiny",

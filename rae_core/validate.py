@@ -48,19 +48,28 @@ def check_registries(cfg: Config) -> None:
 
 
 def model_table() -> str:
-    """Every registered generator, decoder and VAE with its parameter count (meta device)."""
+    """Every registered generator, decoder and VAE with its parameter count and forward MACs
+    (meta device), each sized on the latent or images it is registered for."""
     from rae_core.decoder import DECODERS, decoder_param_count
-    from rae_core.models import MODELS, count_params
+    from rae_core.models import MODELS, count_params, model_macs, reference_latent
+    from rae_core.vae import VAE_CONFIGS, vae_macs, vae_param_counts
 
-    lines = [f"{'model':<14}{'params':>10}  latent", "-" * 40]
+    lines = [f"{'model':<14}{'params':>10}{'GMAC':>10}  sized on", "-" * 56]
     for name in MODELS:
-        small = "tiny" in name or "micro" in name
-        c, g, k = (64, 4, 10) if small else (768, 16, 1000)
-        lines.append(f"{name:<14}{count_params(name, c, g, k) / 1e6:>9.1f}M  {c}x{g}x{g}, "
-                     f"{k} classes")
+        c, g, k = reference_latent(name)
+        lines.append(f"{name:<14}{count_params(name, c, g, k) / 1e6:>9.1f}M"
+                     f"{model_macs(name, c, g) / 1e9:>10.3g}  latent {c}x{g}x{g}, {k} classes")
     for name in DECODERS:
         small = "tiny" in name or "micro" in name
         c, g, p = (64, 4, 8) if small else (768, 16, 16)
-        lines.append(f"{name:<14}{decoder_param_count(name, c, g, p) / 1e6:>9.1f}M  "
-                     f"decoder {c}x{g}x{g} -> {g * p} px")
+        lines.append(f"{name:<14}{decoder_param_count(name, c, g, p) / 1e6:>9.1f}M"
+                     f"{'':>10}  decoder {c}x{g}x{g} -> {g * p} px")
+    for name in VAE_CONFIGS:
+        res = 256 if name == "sd-vae" else 32
+        enc, dec, total = vae_param_counts(name)
+        enc_macs, dec_macs = vae_macs(name, res)
+        lines.append(f"{name:<14}{total / 1e6:>9.1f}M{(enc_macs + dec_macs) / 1e9:>10.3g}  "
+                     f"AutoencoderKL at {res} px: encoder {enc / 1e6:.1f}M / "
+                     f"{enc_macs / 1e9:.4g} GMAC, decoder {dec / 1e6:.1f}M / "
+                     f"{dec_macs / 1e9:.4g} GMAC")
     return "\n".join(lines)

@@ -134,6 +134,14 @@ def warmup_constant_linear(step: int, base_lr: float, min_lr: float, warmup: int
     return base_lr + (min_lr - base_lr) * progress
 
 
+def average_gradients(module: nn.Module, world: int) -> None:
+    """Average every parameter's gradient over the data-parallel ranks (no-op on one)."""
+    if world > 1:
+        for p in module.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

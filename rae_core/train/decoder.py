@@ -22,6 +22,7 @@ from rae_core.train.common import (
     Checkpointer,
     MetricsLog,
     atomic_save,
+    average_gradients,
     check_finite,
     set_lr,
     warmup_cosine,
@@ -30,13 +31,6 @@ from rae_core.train.common import (
 from rae_core.train.sampler import batch_indices, rank_slice, step_seed
 
 log = logging.getLogger(__name__)
-
-
-def _average_grads(module: torch.nn.Module, world: int) -> None:
-    if world > 1:
-        for p in module.parameters():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
 
 
 def _quantise(x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +118,7 @@ def train_loop(config: dict) -> dict:
         check_finite(loss.detach(), step, "train-decoder", ckpt.last_good)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        _average_grads(decoder, world)
+        average_gradients(decoder, world)
         lr = warmup_cosine(step, d.lr, d.min_lr, d.warmup_steps, d.steps)
         set_lr(opt, lr)
         opt.step()
@@ -137,7 +131,7 @@ def train_loop(config: dict) -> dict:
             d_loss = hinge_d_loss(disc(real), disc(fake))
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
-            _average_grads(disc, world)
+            average_gradients(disc, world)
             opt_d.step()
         done = step + 1
         if done % 10 == 0 or done == d.steps:

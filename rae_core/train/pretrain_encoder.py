@@ -15,6 +15,7 @@ from rae_core.train.common import (
     Checkpointer,
     MetricsLog,
     atomic_save,
+    average_gradients,
     check_finite,
     set_lr,
     warmup_cosine,
@@ -52,11 +53,7 @@ def train_loop(config: dict) -> dict:
         check_finite(loss.detach(), step, "pretrain-encoder", ckpt.last_good)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:
-            # Same initial weights on every rank (same seed); average gradients by hand.
-            for prm in mae.parameters():
-                if prm.grad is not None:
-                    torch.distributed.all_reduce(prm.grad, op=torch.distributed.ReduceOp.AVG)
+        average_gradients(mae, world)  # same initial weights on every rank (same seed)
         lr = warmup_cosine(step, p.lr, p.lr * 0.1, p.warmup_steps, p.steps)
         set_lr(opt, lr)
         opt.step()

@@ -21,6 +21,7 @@ from rae_core.paths import Paths
 from rae_core.train.common import (
     Checkpointer,
     MetricsLog,
+    average_gradients,
     check_finite,
     set_lr,
     warmup_cosine,
@@ -29,14 +30,6 @@ from rae_core.train.common import (
 from rae_core.train.sampler import batch_indices, rank_slice, step_seed
 
 log = logging.getLogger(__name__)
-
-
-def _average_grads(module: torch.nn.Module, world: int) -> None:
-    # Same initial weights on every rank (same seed); average gradients by hand.
-    if world > 1:
-        for p in module.parameters():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
 
 
 def train_loop(config: dict) -> dict:
@@ -101,7 +94,7 @@ def train_loop(config: dict) -> dict:
         check_finite(loss.detach(), step, "pretrain-encoder", ckpt.last_good)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        _average_grads(vae, world)
+        average_gradients(vae, world)
         lr = warmup_cosine(step, p.lr, p.lr * 0.1, p.warmup_steps, p.steps)
         set_lr(opt, lr)
         opt.step()
@@ -113,7 +106,7 @@ def train_loop(config: dict) -> dict:
             d_loss = hinge_d_loss(disc(real), disc(fake))
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
-            _average_grads(disc, world)
+            average_gradients(disc, world)
             opt_d.step()
         done = step + 1
         if done % 10 == 0 or done == p.steps:
