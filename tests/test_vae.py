@@ -226,3 +226,26 @@ def test_pretraining_learns_to_reconstruct_and_resumes(tmp_path, digits_root, of
         summary["val_psnr"], abs=1e-4)
     again = pretrain_vae.train_loop(loop)  # resumes at the last checkpoint: nothing to do
     assert again["resumed_at"] == 20 and again["val_psnr"] == pytest.approx(summary["val_psnr"])
+
+    # train-decoder: without fine-tuning it keeps the VAE's own decoder as it is ...
+    from rae_core.train import decoder as train_decoder
+
+    kept = train_decoder.keep_vae_decoder(cfg, paths)
+    assert kept["steps"] == 0 and kept["val_psnr"] == pytest.approx(summary["val_psnr"], abs=0.05)
+    # ... and with autoencoder.finetune_decoder it trains the decoder only (SD's ft-EMA)
+    ft = load_config(None, "smoke", [
+        f"data.root={digits_root}", "autoencoder.kind=vae", "encoder.name=vae-micro",
+        "autoencoder.finetune_decoder=true", "decoder.steps=30", "decoder.lr=3e-3",
+        "decoder.warmup_steps=2", "decoder.ema=0.5", "decoder.gan.weight=0",
+        "decoder.gan.disc_start_step=1000"])
+    z_before = encoder.encode(val[:64])
+    tuned = train_decoder.train_loop({"cfg": ft.to_dict(), "root": str(tmp_path),
+                                      "run_dir": str(tmp_path / "ft"), "fingerprint": "ft"})
+    assert tuned["val_psnr"] > kept["val_psnr"] + 0.5
+    encoder2, _ = load_configured_parts(ft, paths)
+    assert torch.equal(encoder2.encode(val[:64]), z_before)  # the encoder stays frozen
+    from rae_core.autoencoder import load_decoder
+
+    dec = load_decoder(ft, paths, encoder2)
+    assert evaluate_reconstruction(encoder2, dec, val)["val_psnr"] == pytest.approx(
+        tuned["val_psnr"], abs=1e-3)
