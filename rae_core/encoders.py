@@ -54,6 +54,9 @@ ENCODERS: dict[str, EncoderSpec] = {
     "mae-tiny": EncoderSpec("mae", "small MAE pretrained by the platform", options=_MAE_SMALL),
     "mae-micro": EncoderSpec("mae", "smaller MAE for smoke runs",
                              options={**_MAE_SMALL, "depth": 2, "decoder_depth": 1}),
+    # a 256-channel latent: wide for the generator widths a CPU budget affords (ablation d)
+    "mae-tiny-256": EncoderSpec("mae", "small MAE with a 256-channel latent",
+                                options={**_MAE_SMALL, "width": 256}),
 }
 
 
