@@ -32,6 +32,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
     ab = sub.add_parser("ablate", help="the paper's key ablations at small scale, with a report")
     _config_args(ab)
+    ab.add_argument("--only", metavar="LETTERS", help="comma-separated ablations to run, e.g. "
+                    "d,f, with the arms they reuse (default: all)")
     st = sub.add_parser("stage", help="one stage (what dvc.yaml calls)")
     st.add_argument("stage", choices=STAGE_NAMES)
     _config_args(st)
@@ -122,12 +124,13 @@ def _dispatch(args, root: Path) -> int:
         serve(cfg, root)
         return 0
     if args.command == "ablate":
-        from rae_core.ablations import make_plan
+        from rae_core.ablations import make_plan, parse_only
 
-        make_plan(cfg)  # every arm's configuration is validated before anything starts
+        letters = parse_only(args.only)
+        make_plan(cfg, letters)  # every arm's configuration is validated before anything starts
         from flows.ablate import ablate_flow
 
-        print(f"wrote {ablate_flow(cfg.to_dict(), str(root))}")
+        print(f"wrote {ablate_flow(cfg.to_dict(), str(root), letters)}")
         return 0
     from rae_core.locking import project_lock
 
