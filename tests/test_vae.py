@@ -249,3 +249,15 @@ def test_pretraining_learns_to_reconstruct_and_resumes(tmp_path, digits_root, of
     dec = load_decoder(ft, paths, encoder2)
     assert evaluate_reconstruction(encoder2, dec, val)["val_psnr"] == pytest.approx(
         tuned["val_psnr"], abs=1e-3)
+
+
+def test_the_pretrained_vae_is_keyed_by_the_decoder_losses_it_uses_and_nothing_else_there():
+    from rae_core.train.pretrain_vae import fingerprint
+
+    base = ["autoencoder.kind=vae", "encoder.name=vae-micro"]
+    fp = fingerprint(load_config(None, "smoke", base))
+    for change in ("decoder.lpips_weight=0.5", "decoder.gan.weight=0.2",
+                   "autoencoder.kl_weight=1e-4", "encoder.pretrain.steps=7"):
+        assert fingerprint(load_config(None, "smoke", [*base, change])) != fp, change
+    for change in ("decoder.noise_tau=0.3", "decoder.steps=7", "generator.steps=7"):
+        assert fingerprint(load_config(None, "smoke", [*base, change])) == fp, change

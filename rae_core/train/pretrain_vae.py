@@ -10,6 +10,8 @@ encoder.pretrain; the result is a diffusers folder models/encoder/vae/.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -136,6 +138,15 @@ def train_loop(config: dict) -> dict:
     return summary
 
 
+def fingerprint(cfg: Config) -> str:
+    """What the trained VAE depends on: its own sections and the losses it borrows from the
+    decoder stage (LPIPS, GAN), not the rest of that stage (noise, steps)."""
+    decoder = cfg.to_dict()["decoder"]
+    losses = {k: decoder[k] for k in ("lpips_weight", "lpips_weights", "gan")}
+    own = cfg.fingerprint("data", "encoder", "autoencoder", "seed")
+    return hashlib.sha256(json.dumps([own, losses], sort_keys=True).encode()).hexdigest()[:12]
+
+
 def run(cfg: Config, paths: Paths) -> dict:
     """Train the VAE that encoder.name registers, unless encoder.weights gives one; writes
     models/encoder/vae/ and models/encoder/summary.json."""
@@ -147,7 +158,7 @@ def run(cfg: Config, paths: Paths) -> dict:
                 f"{cfg.encoder.weights}"}
         write_json(paths.encoder_dir / "summary.json", info)
         return info
-    fp = cfg.fingerprint("data", "encoder", "autoencoder", "seed")
+    fp = fingerprint(cfg)
     run_dir = paths.checkpoints / f"pretrain-encoder-{fp}"
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = fit(f"pretrain-encoder-{fp}", train_loop,
