@@ -100,21 +100,23 @@ def design(cfg: Config) -> tuple[list[Arm], list[Claim]]:
     common = {**rae.recipe(cfg), "sample.num_per_class": size.num_per_class,
               "evaluate.curve_per_class": size.curve_per_class}
     latent = f"{c}x{grid}x{grid} {family.encoder.name} latents"
+
+    def trained(steps: int) -> dict:
+        """The shared settings, with the schedule and EMA of `steps` training steps."""
+        return {**common, **schedule(cfg, steps, size.checkpoints), **ema_for(cfg, steps)}
+
     arms = [
         Arm("rae-flow", f"{dh} on {rae_c}x{rae_grid}x{rae_grid} {cfg.encoder.name} latents, the "
-            "reference's recipe at (f)'s budget",
-            {**common, **schedule(cfg, size.steps, size.checkpoints), **ema_for(cfg, size.steps)},
+            "reference's recipe at (f)'s budget", trained(size.steps),
             dh, rae_flops, size.steps, batch, root=RAE_ROOT),
         Arm("vae-flow", f"{dh} at patch {TOKEN_PATCH} on {latent}, flow matching, FLOPs of "
-            "rae-flow", {**common, **schedule(cfg, flow_steps, size.checkpoints),
-                         **ema_for(cfg, flow_steps), "generator.patch": TOKEN_PATCH}, dh, flow_flops, flow_steps, batch,
-            root=root),
+            "rae-flow", {**trained(flow_steps), "generator.patch": TOKEN_PATCH},
+            dh, flow_flops, flow_steps, batch, root=root),
         Arm("vae-ddpm", f"DiT's recipe on {latent}: {g.model}, DDPM, {s.sampler} "
             f"{s.steps} steps, CFG {s.scale:g}; FLOPs of rae-flow",
-            {**common, **schedule(cfg, ddpm_steps, size.checkpoints), **ema_for(cfg, ddpm_steps),
-             "generator.kind": g.kind,
-             "generator.model": g.model, "sample.sampler": s.sampler, "sample.steps": s.steps,
-             "sample.scale": s.scale}, g.model, ddpm_flops, ddpm_steps, batch, root=root),
+            {**trained(ddpm_steps), "generator.kind": g.kind, "generator.model": g.model,
+             "sample.sampler": s.sampler, "sample.steps": s.steps, "sample.scale": s.scale},
+            g.model, ddpm_flops, ddpm_steps, batch, root=root),
     ]
     return arms, claims()
 
