@@ -1,3 +1,4 @@
+import hashlib
 import math
 import time
 
@@ -212,3 +213,14 @@ def test_latent_stats_save_load_and_refuse_mismatch(tmp_path):
         LatentStats.load(path, expected_identity={**ident, "name": "mae-tiny"})
     with pytest.raises(DataError):
         LatentStats.load(tmp_path / "absent.pt", expected_identity=ident)
+
+
+def test_weight_files_that_differ_only_past_their_start_have_different_fingerprints(tmp_path):
+    from rae_core.encoders import file_fingerprint
+
+    head = bytes(3 << 20)  # a shared first 3 MiB, as two fine-tunes of one model share
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(head + b"decoder-ema")
+    b.write_bytes(head + b"decoder-mse")
+    assert file_fingerprint(a) != file_fingerprint(b)
+    assert file_fingerprint(a) == hashlib.sha256(a.read_bytes()).hexdigest()
