@@ -136,7 +136,7 @@ def arm_task(plan: Plan, arm: Arm, seed: int, project: str, parent: str) -> dict
     try:
         if arm.overfit:
             out = overfit_one_latent(cfg, paths, arm.steps, arm.batch)
-            _log_steps(run_id, "loss", out.pop("curve"))
+            _log_metrics(run_id, [("loss", v, s) for s, v in out.pop("curve")])
             write_atomic(paths.root / "overfit.json", json.dumps(out))
             numbers.update(out)
         else:
@@ -183,19 +183,22 @@ def _evaluation_numbers(arm_run: str) -> dict[str, dict]:
             for k in ("fid", "class_accuracy", "rfid", "recon_psnr") if k in m}
 
 
-def _log_steps(run_id: str, key: str, points: list[tuple[int, float]]) -> None:
+def _log_metrics(run_id: str, points: list[tuple[str, float, int]]) -> None:
+    """(key, value, step) points to one run, in batches MLflow accepts."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    tracking.client().log_batch(run_id, metrics=[Metric(key, v, now, s) for s, v in points])
+    metrics = [Metric(key, value, now, step) for key, value, step in points]
+    for i in range(0, len(metrics), 500):
+        tracking.client().log_batch(run_id, metrics=metrics[i: i + 500])
 
 
 def _log_curve(run_id: str, arm: Arm, curve: list[dict]) -> list[dict]:
     """The evaluate stage's FID at each checkpoint, logged to the arm's run by training step
     with the training FLOPs spent by then."""
     flops = [(c["step"], train_flops(arm.flops_per_image, arm.batch, c["step"])) for c in curve]
-    _log_steps(run_id, "curve_fid", [(c["step"], c["fid"]) for c in curve])
-    _log_steps(run_id, "curve_train_flops", flops)
+    _log_metrics(run_id, [("curve_fid", c["fid"], c["step"]) for c in curve] +
+                 [("curve_train_flops", f, s) for s, f in flops])
     return [{"step": c["step"], "fid": number("curve_fid", c["fid"], run_id, c["step"]),
              "train_flops": number("curve_train_flops", f, run_id, c["step"])}
             for c, (_, f) in zip(curve, flops, strict=True)]
@@ -259,7 +262,8 @@ def _ablate(plan: Plan, project: str) -> str:
         extractor = tracking.client().get_run(scored[0]).data.tags["extractor"] if scored \
             else "none"  # (a) alone scores no samples
         report = build_report(plan, results, parent, extractor, time.time() - t0)
-        _log_parent(parent, parent_numbers(report))
+        _log_metrics(parent, [(n["metric"], n["value"], n.get("step", 0))
+                              for n in parent_numbers(report)])
         path = write_report(plan, report, parent, project)
     except BaseException as e:
         tracking.end_run(parent, "FAILED", one_line(e))
@@ -267,12 +271,3 @@ def _ablate(plan: Plan, project: str) -> str:
     tracking.end_run(parent)
     log.info("ablation report: %s", path)
     return str(path)
-
-
-def _log_parent(run_id: str, numbers: list[dict]) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    metrics = [Metric(n["metric"], n["value"], now, n.get("step", 0)) for n in numbers]
-    for i in range(0, len(metrics), 500):
-        tracking.client().log_batch(run_id, metrics=metrics[i: i + 500])

@@ -109,3 +109,30 @@ def load_decoder(cfg: Config, paths: Paths, encoder: nn.Module,
     state = safe_load(paths.decoder_dir / "decoder.pt")
     dec.load_state_dict(state["model"])
     return dec.to(device).eval()
+
+
+def autoencoder_macs(cfg: Config) -> tuple[float, float]:
+    """Multiply-accumulates of encoding and of decoding one image at the dataset's resolution,
+    counted by torch's FLOP counter on the meta device (as rae_core.vae counts a VAE's)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rae_core.decoder import build_decoder
+    from rae_core.encoders import build_encoder
+
+    r = cfg.data.resolution
+    if cfg.autoencoder.kind == "vae":
+        from rae_core.vae import vae_macs
+
+        return vae_macs(cfg.encoder.name, r)
+    with torch.device("meta"):
+        encoder = build_encoder(cfg.encoder.name, r, random_init=True)
+        c, h, _ = encoder.latent_shape
+        decoder = build_decoder(cfg.decoder.model, c, h, cfg.decoder.patch_size,
+                                encoder.pixel_mean, encoder.pixel_std).eval()
+        macs = []
+        for fn, x in ((encoder.encode, torch.empty(1, 3, r, r)),
+                      (decoder, torch.empty(1, c, h, h))):
+            with FlopCounterMode(display=False) as counter:
+                fn(x)
+            macs.append(counter.get_total_flops() / 2)
+    return macs[0], macs[1]

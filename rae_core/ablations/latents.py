@@ -36,7 +36,7 @@ from rae_core.ablations.plan import (
     sized,
 )
 from rae_core.ablations.report import mean_curve, number, summary
-from rae_core.autoencoder import latent_shape
+from rae_core.autoencoder import autoencoder_macs, latent_shape
 from rae_core.config import Config, flatten, from_dict
 
 
@@ -135,34 +135,6 @@ def claims() -> list[Claim]:
     out.append(Claim("f", "rfid", "rae-flow", "vae-flow", "RAE reconstructs better than "
                      "SD-VAE: rFID 0.49 (0.57 noise-augmented) vs 0.62", case="the autoencoders"))
     return out
-
-
-def autoencoder_macs(cfg: Config) -> tuple[float, float]:
-    """Multiply-accumulates of encoding and of decoding one image at the dataset's resolution,
-    counted by torch's FLOP counter on the meta device (as rae_core.vae counts a VAE's)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from rae_core.decoder import build_decoder
-    from rae_core.encoders import build_encoder
-
-    r = cfg.data.resolution
-    if cfg.autoencoder.kind == "vae":
-        from rae_core.vae import vae_macs
-
-        return vae_macs(cfg.encoder.name, r)
-    with torch.device("meta"):
-        encoder = build_encoder(cfg.encoder.name, r, random_init=True)
-        c, h, _ = encoder.latent_shape
-        decoder = build_decoder(cfg.decoder.model, c, h, cfg.decoder.patch_size,
-                                encoder.pixel_mean, encoder.pixel_std).eval()
-        macs = []
-        for fn, x in ((encoder.encode, torch.empty(1, 3, r, r)),
-                      (decoder, torch.empty(1, c, h, h))):
-            with FlopCounterMode(display=False) as counter:
-                fn(x)
-            macs.append(counter.get_total_flops() / 2)
-    return macs[0], macs[1]
 
 
 def tables(plan: Plan, results: dict, report: dict, parent: str) -> list[dict]:
