@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import tracking
 from rae_core.config import Config, from_dict
-from rae_core.errors import RaeError
+from rae_core.errors import ConfigError, RaeError
 from rae_core.locking import project_lock
 from rae_core.paths import Paths
 from rae_core.stages import STAGES
@@ -124,6 +124,8 @@ def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
         t1 = time.time()
         out = dict(out or {})
         out["wall_s"] = t1 - t0
+        if cluster := _ray_cluster():
+            out["ray_cluster"] = cluster  # logged as a tag: which Ray cluster did the work
         if fwd.first_time is not None:
             out["startup_s"] = fwd.first_time - t0
         # Evaluation metrics keep their plain names: the leaderboard sorts on `fid`.
@@ -137,6 +139,14 @@ def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
         raise
     tracking.end_run(run_id)
     return out
+
+
+def _ray_cluster() -> str:
+    """The GCS address of the Ray this process joined or started, or '' when it used none."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().gcs_address if ray and ray.is_initialized() else ""
 
 
 def one_line(e: BaseException) -> str:
@@ -185,6 +195,35 @@ def _pipeline(cfg: Config, paths: Paths, cfg_dict: dict, root: str, until: str |
     log.info("pipeline timings: %s", {k: round(v, 1) for k, v in totals.items()})
     tracking.end_run(parent)
     return outputs
+
+
+# What a deployment's job variables hand a run; a `{{ $NAME }}` left in one means the
+# deployment was registered without NAME in the environment (infra/prefect/prefect.yaml).
+JOB_ENV = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAE_PROJECT_DIR")
+
+
+@flow(name="rae-run")
+def run_flow(preset: str | None = None, overrides: list[str] | None = None,
+             until: str | None = None) -> dict:
+    """`rae run [--preset P] [--set KEY=VALUE ...] [--until STAGE]` for a deployment: in the
+    project directory its pull step entered, with the Ray cluster and the tracking server its
+    job variables name. Without a preset, the project's params.yaml."""
+    for key in JOB_ENV:
+        if "{{" in os.environ.get(key, ""):
+            raise ConfigError(f"{key}={os.environ[key]}: the deployment was registered without "
+                              "that variable set; export the values of infra/prefect/"
+                              "cluster-*.env and run `prefect deploy` again")
+    if until is not None and until not in ORDER:
+        raise ConfigError(f"until={until}: not a stage (valid: {', '.join(ORDER)})")
+    root = Path.cwd()
+    from flows.env import configure
+    from rae_core.presets import load_config
+    from rae_core.validate import check_registries
+
+    cfg = load_config(str(root / "params.yaml"), preset, list(overrides or []))
+    check_registries(cfg)
+    configure(root)
+    return pipeline_flow(cfg.to_dict(), str(root), until)
 
 
 @flow(name="rae-stage")

@@ -193,6 +193,9 @@ class RayConfig:
     num_workers: int = _f(1, 1)
     use_gpu: bool = False
     cpus_per_worker: int = _f(1, 1)
+    # How long a driver on an autoscaling cluster waits for the nodes it asked for; 0 stops at
+    # once when the cluster is smaller than num_workers x cpus_per_worker.
+    scale_up_timeout_s: float = _f(0.0, 0.0)
 
 
 @dataclass

@@ -67,7 +67,9 @@ def _imagenet(resolution: int, dit_epochs: int, ag_scale: float, ag_epochs: int)
                    "weak_model": f"models/autoguidance/DiTDH-S-{resolution}px-ep{ag_epochs}.pt",
                    "batch_size": 125, "shard_size": 1000},
         "evaluate": {"extractor": "inception", "curve_per_class": 0},
-        "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},
+        "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8,
+                # GPU nodes scale from zero: a p5-class node takes ~10-20 min to boot and set up
+                "scale_up_timeout_s": 2400},
     }
 
 
@@ -121,7 +123,9 @@ def _imagenet_dit() -> dict:
         "sample": {"num_per_class": 50, "sampler": "ddpm", "steps": 250, "guidance": "cfg",
                    "scale": 1.5, "cfg_channels": "all", "batch_size": 125, "shard_size": 1000},
         "evaluate": {"extractor": "inception", "curve_per_class": 0},
-        "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},
+        "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8,
+                # GPU nodes scale from zero: a p5-class node takes ~10-20 min to boot and set up
+                "scale_up_timeout_s": 2400},
     }
 
 

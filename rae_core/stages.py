@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def prepare(cfg: Config, paths: Paths) -> dict:
-    """Materialise the digits, or validate an existing image folder (ImageNet layout)."""
+    """Materialise the digits, or validate an existing image folder (ImageNet layout); on a
+    cluster, a worker node must see the same folder."""
     from rae_core.data.digits import materialise_digits
     from rae_core.data.folder import validate_folder
 
@@ -37,6 +38,10 @@ def prepare(cfg: Config, paths: Paths) -> dict:
             root.unlink(missing_ok=True)
             root.symlink_to(src, target_is_directory=True)
     summary = validate_folder(root, cfg.data.num_classes, resolution=cfg.data.resolution)
+    from rae_core.train.runner import check_dataset_on_workers
+
+    setting = f"data.source={cfg.data.source}" if cfg.data.source else f"data.root={cfg.data.root}"
+    check_dataset_on_workers(root, setting, cfg)
     write_json(root.parent / f"{root.name}.json", summary)
     return {"train_images": summary["train"], "val_images": summary["val"],
             "classes": len(summary["classes"])}

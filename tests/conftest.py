@@ -59,6 +59,13 @@ def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> 
     pytest.fail(f"{url} did not answer within {timeout:.0f} s:\n{log.read_text()[-2000:]}")
 
 
+def mlflow_server_command(home: Path, port: int) -> list[str]:
+    """A tracking server with a store of its own under `home` (SQLite + an artifacts folder)."""
+    return [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+            "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1",
+            "--port", str(port), "--workers", "1"]
+
+
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory):
     """Team mode: a Ray head, a Prefect server and an MLflow server (SQLite + an artifacts
@@ -77,10 +84,7 @@ def servers(tmp_path_factory):
                 f"--temp-dir={home / 'ray'}"],
         "prefect": [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                     "--port", str(prefect_port)],
-        "mlflow": [str(BIN / "mlflow"), "server", "--backend-store-uri",
-                   f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination",
-                   str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(mlflow_port),
-                   "--workers", "1"],
+        "mlflow": mlflow_server_command(home, mlflow_port),
     }
     procs = {}
     try:

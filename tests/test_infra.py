@@ -3,7 +3,7 @@
 Nothing here starts a container or a cluster: the files are parsed and checked against the
 schemas the tools ship (Ray's cluster schema, Prefect's prefect.yaml model), the CLI's parser,
 the flows' source (by `ast`, without importing them) and the pins in pyproject.toml and
-constraints.txt.
+constraints.txt; one test calls the deployed flow's function to see it refuse what it must.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import argparse
 import ast
 import importlib.util
 import json
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -22,6 +24,8 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+
+from rae_core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -129,31 +133,6 @@ def test_prefect_compose_services():
     assert mlflow_net in external and mlflow_net in svc["prefect-worker"]["networks"]
 
 
-def test_kuberay_manifest():
-    docs = load_all(KUBERAY)
-    by_kind = {d["kind"]: d for d in docs}
-    cluster, pvc = by_kind["RayCluster"], by_kind["PersistentVolumeClaim"]
-    assert cluster["apiVersion"] == "ray.io/v1"
-    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
-    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
-    groups = cluster["spec"]["workerGroupSpecs"]
-    head_limits = head["containers"][0]["resources"]["limits"]
-    assert "nvidia.com/gpu" not in head_limits, "the head group is the CPU group"
-    gpu_groups = [g for g in groups
-                  if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]
-                  .get("limits", {})]
-    assert gpu_groups, "no worker group with nvidia.com/gpu limits"
-    images = set()
-    for pod in [head] + [g["template"]["spec"] for g in groups]:
-        claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
-                  if "persistentVolumeClaim" in v}
-        assert claims == {pvc["metadata"]["name"]}
-        mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-        assert {"/app/data", "/app/models", "/app/runs"} <= mounts
-        images |= {c["image"] for c in pod["containers"] + pod.get("initContainers", [])}
-    assert len(images) == 1, f"one platform image everywhere, got {images}"
-
-
 def ray_schema() -> dict:
     spec = importlib.util.find_spec("ray")  # locates the package without importing it
     assert spec is not None and spec.origin
@@ -238,7 +217,7 @@ def test_prefect_entrypoints_resolve_with_their_parameters():
     deployments = load(PREFECT_YAML)["deployments"]
     expected = {"reproduce-smoke": "flows/reproduce.py:reproduce_flow",
                 "reproduce-tiny": "flows/reproduce.py:reproduce_flow",
-                "pipeline": "flows/pipeline.py:pipeline_flow"}
+                "pipeline": "flows/pipeline.py:run_flow"}
     assert {d["name"]: d["entrypoint"] for d in deployments} == expected
     for dep in deployments:
         fn, _ = flow_function(dep["entrypoint"])
@@ -345,11 +324,48 @@ def test_python_versions_match_requires_python():
         assert version in allowed, f"Python {version} outside requires-python {allowed}"
 
 
-def test_platform_image_tag_is_the_project_version():
-    version = pyproject()["version"]
-    tags = set(re.findall(r"rae-platform:([\w.-]+)", "\n".join(
-        p.read_text() for p in infra_text_files())))
-    assert tags == {version}, f"rae-platform image tags {tags}, project version {version}"
+def test_platform_images_are_tagged_by_commit_with_an_explicit_pull_policy():
+    """No image of the platform carries a fixed tag: compose uses the commit tag build.sh
+    printed, the manifests the RAE_IMAGE it exported; every such service says how it pulls."""
+    fixed = re.findall(r"rae-platform:(?!\$\{RAE_IMAGE_TAG)[\w.-]+", "\n".join(
+        p.read_text() for p in infra_text_files() if p.suffix in (".yaml", ".yml")))
+    assert not fixed, f"fixed rae-platform tags: {fixed}"
+    for compose in COMPOSE_FILES:
+        for name, svc in services(compose).items():
+            image = svc.get("image", "")
+            if image.startswith(("rae-platform", "rae-mlflow")):
+                assert svc.get("pull_policy") in ("never", "build"), f"{compose.name}: {name}"
+            if image.startswith("rae-platform"):
+                assert image.startswith("rae-platform:${RAE_IMAGE_TAG:?"), image
+
+
+def _git(cwd: Path, *args: str) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
+    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, timeout=30)
+
+
+def test_build_script_tags_by_commit_and_refuses_a_dirty_tree(tmp_path):
+    script = INFRA / "docker" / "build.sh"
+    repo = tmp_path / "repo"
+    (repo / "infra" / "docker").mkdir(parents=True)
+    shutil.copy(script, repo / "infra" / "docker" / "build.sh")
+    (repo / "file").write_text("a")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "x")
+    (repo / "file").write_text("b")  # a tracked change: the tag would not name the code
+    res = subprocess.run(["bash", "infra/docker/build.sh"], cwd=repo, capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 2 and "uncommitted changes" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and res.stdout == ""
+    usage = subprocess.run(["bash", str(script), "a", "b"], capture_output=True, text=True,
+                           timeout=30)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: ")
+    text = script.read_text()
+    assert 'tag=${commit:0:12}' in text and '-t "$repo:$tag"' in text
+    assert 'GIT_COMMIT=$commit' in text
+    assert re.search(r"^ARG GIT_COMMIT", DOCKERFILE.read_text(), flags=re.M)
 
 
 # (e) the image installs the project exactly as the Makefile does -----------------------------
@@ -381,25 +397,20 @@ def test_ray_cluster_setup_installs_like_the_makefile():
 # (f) nothing listens beyond localhost, and no secret is committed -----------------------------
 
 
-def test_compose_ports_bind_localhost_only():
+def test_compose_ports_bind_localhost_unless_a_private_address_is_given():
+    """Published on 127.0.0.1, or on RAE_BIND_ADDRESS (the services host's private address)
+    with 127.0.0.1 as its default; never on every interface."""
     published = 0
     for compose in COMPOSE_FILES:
         for name, svc in services(compose).items():
             for port in svc.get("ports", []):
                 published += 1
                 where = f"{compose.relative_to(ROOT)}: {name}: {port}"
-                if isinstance(port, dict):
-                    assert port.get("host_ip") == "127.0.0.1", where
-                else:
-                    assert str(port).startswith("127.0.0.1:"), where
+                assert not isinstance(port, dict), where
+                assert str(port).startswith(("127.0.0.1:", "${RAE_BIND_ADDRESS:-127.0.0.1}:")), \
+                    where
             assert svc.get("network_mode") != "host", f"{name} uses the host network"
     assert published >= 2
-
-
-def test_kubernetes_exposes_nothing_outside_the_cluster():
-    text = KUBERAY.read_text()
-    assert "hostNetwork: true" not in text and "hostPort" not in text
-    assert "LoadBalancer" not in text and "NodePort" not in text
 
 
 SECRET_PATTERNS = {
@@ -459,3 +470,255 @@ def test_dvc_setup_script_needs_a_url():
     assert res.returncode == 2
     assert res.stderr.startswith("usage: ") and len(res.stderr.strip().splitlines()) == 1
     assert res.stdout == ""
+
+
+# (g) the pieces connect: names, ports, job variables, the worker service, the walk-through ---
+
+CLUSTER_ENVS = sorted((INFRA / "prefect").glob("cluster-*.env"))
+SYSTEMD_UNIT = INFRA / "systemd" / "rae-prefect-worker.service"
+INFRA_README = INFRA / "README.md"
+LOOPBACK = {"127.0.0.1", "localhost"}
+
+
+def env_file(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
+             if "=" in line and not line.lstrip().startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def k8s_services() -> dict[str, dict]:
+    docs = [d for p in sorted((INFRA / "k8s").glob("*.yaml")) for d in load_all(p)]
+    return {d["metadata"]["name"]: d["spec"] for d in docs if d.get("kind") == "Service"}
+
+
+def service_ports() -> dict[str, int]:
+    """Every host name a client may use for a team service, with the port it serves on: the
+    compose services (by the port their server command binds), the Kubernetes Services, and
+    the private DNS names those Services point at."""
+    ports: dict[str, int] = {}
+    for compose in COMPOSE_FILES:
+        for name, svc in services(compose).items():
+            m = re.search(r"--port[ ,'\"]+(\d+)", command_of(svc))
+            if m:
+                ports[name] = int(m.group(1))
+    ports["minio"] = 9000  # MinIO's own S3 port, inside the compose network
+    for name, spec in k8s_services().items():
+        (port,) = {p["port"] for p in spec["ports"]}
+        ports[name] = port
+        if spec.get("type") == "ExternalName":
+            ports[spec["externalName"]] = port
+    return ports
+
+
+def service_urls() -> list[tuple[Path, str, int]]:
+    files = [p for p in infra_text_files() if p.suffix not in (".sh",)] + [SCALE_DOC,
+                                                                          ROOT / "README.md"]
+    found = []
+    for path in files:
+        for host, port in re.findall(r"https?://([A-Za-z0-9_.-]+):(\d+)", path.read_text()):
+            found.append((path, host, int(port)))
+    return found
+
+
+def mlflow_allowed_hosts() -> list[str]:
+    cmd = command_of(services(MLFLOW_COMPOSE)["mlflow"])
+    default = re.search(r"--allowed-hosts \$\{MLFLOW_ALLOWED_HOSTS:-([^}]*)\}", cmd).group(1)
+    example = env_file(INFRA / "mlflow" / ".env.example")["MLFLOW_ALLOWED_HOSTS"]
+    assert default == example, "the compose default and .env.example admit different hosts"
+    return default.split(",")
+
+
+def test_every_service_url_names_a_host_and_port_that_exist():
+    ports = service_ports()
+    assert ports["mlflow.rae.internal"] == ports["mlflow"] == 5000
+    assert ports["prefect.rae.internal"] == ports["prefect"] == ports["prefect-server"] == 4200
+    urls = service_urls()
+    assert len(urls) > 10
+    for path, host, port in urls:
+        where = f"{path.relative_to(ROOT)}: http://{host}:{port}"
+        if host in LOOPBACK:
+            assert port in (5000, 4200, 8265, 9001) or path == ROOT / "README.md", where
+            continue
+        if host.endswith(".example.com"):
+            continue
+        assert host in ports, f"{where}: no compose service, Service or documented DNS name"
+        assert ports[host] == port, f"{where}: {host} serves on {ports[host]}"
+
+
+def test_the_private_dns_names_are_documented_and_point_where_the_services_are():
+    text = INFRA_README.read_text()
+    for name, target in (("mlflow", "mlflow.rae.internal"), ("prefect", "prefect.rae.internal")):
+        assert f"`{target}`" in text, f"infra/README.md does not document {target}"
+        assert k8s_services()[name] == {**k8s_services()[name], "type": "ExternalName",
+                                        "externalName": target}
+
+
+def test_the_mlflow_server_admits_every_name_its_clients_use():
+    allowed = mlflow_allowed_hosts()
+    clients = {(host, port) for _, host, port in service_urls() if port == 5000}
+    for host, port in clients:
+        assert host in allowed and f"{host}:*" in allowed, f"{host}:{port} is refused"
+
+
+def test_cluster_env_files_fill_every_placeholder_of_the_pipeline_deployment():
+    raw = load(PREFECT_YAML)
+    (pipeline,) = [d for d in raw["deployments"] if d["name"] == "pipeline"]
+    env = pipeline["work_pool"]["job_variables"]["env"]
+    assert set(env) == {"RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAE_PROJECT_DIR"}
+    placeholders = {m for v in env.values() for m in re.findall(r"\{\{ \$(\w+) \}\}", v)}
+    assert len(placeholders) == len(env)
+    assert {p.name for p in CLUSTER_ENVS} == {"cluster-aws.env", "cluster-k8s.env"}
+    ray_user = load(RAY_CLUSTER)["auth"]["ssh_user"]
+    project_dirs = {"cluster-aws.env": f"/home/{ray_user}/rae", "cluster-k8s.env": "/app"}
+    assert "~/rae" in load(RAY_CLUSTER)["file_mounts"]
+    for path in CLUSTER_ENVS:
+        values = env_file(path)
+        assert set(values) == placeholders, f"{path.name}: {sorted(values)}"
+        resolved = {k: re.sub(r"\{\{ \$(\w+) \}\}", lambda m, vals=values: vals[m.group(1)], v)
+                    for k, v in env.items()}
+        assert resolved["RAY_ADDRESS"] == "auto"  # the worker runs on the head: its cluster
+        assert resolved["RAE_PROJECT_DIR"] == project_dirs[path.name]
+        host = re.match(r"http://([\w.-]+):5000$", resolved["MLFLOW_TRACKING_URI"]).group(1)
+        assert host in mlflow_allowed_hosts()
+    # the scheduled runs: a local Ray on the compose worker, its MLflow by its compose name
+    worker_env = services(PREFECT_COMPOSE)["prefect-worker"]["environment"]
+    for dep in raw["deployments"]:
+        if dep.get("schedules"):
+            env = dep["work_pool"]["job_variables"]["env"]
+            assert env["RAY_ADDRESS"] == "local"
+            assert env["MLFLOW_TRACKING_URI"] == worker_env["MLFLOW_TRACKING_URI"]
+            assert env["RAE_PROJECT_DIR"] == worker_env["RAE_PROJECT_DIR"] == "/app"
+
+
+def unit_file(path: Path) -> dict[str, dict[str, list[str]]]:
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+        else:
+            key, value = line.split("=", 1)
+            current.setdefault(key, []).append(value)
+    return sections
+
+
+def test_the_head_runs_the_cluster_queue_worker_as_a_supervised_service():
+    unit = unit_file(SYSTEMD_UNIT)
+    service = unit["Service"]
+    cfg = load(RAY_CLUSTER)
+    user = cfg["auth"]["ssh_user"]
+    assert service["User"] == [user]
+    assert service["WorkingDirectory"] == [f"/home/{user}/rae"]
+    assert service["Restart"] == ["always"] and service["KillMode"] == ["process"]
+    (exec_start,) = service["ExecStart"]
+    assert exec_start == (f"/home/{user}/rae/.venv/bin/prefect worker start --pool rae-pool "
+                          "--work-queue cluster --type process")
+    env = dict(item.split("=", 1) for line in service["Environment"] for item in line.split())
+    assert env["PREFECT_API_URL"] == "http://prefect.rae.internal:4200/api"
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+    setup = " ".join(cfg["head_setup_commands"])
+    assert f"infra/systemd/{SYSTEMD_UNIT.name}" in setup
+    assert "systemctl enable rae-prefect-worker" in setup
+    # the queue this worker polls is the pipeline deployment's
+    (pipeline,) = [d for d in load(PREFECT_YAML)["deployments"] if d["name"] == "pipeline"]
+    assert pipeline["work_pool"]["work_queue_name"] == "cluster"
+
+
+def test_gpu_nodes_scale_to_zero_and_runs_wait_for_them():
+    cfg = load(RAY_CLUSTER)
+    for name, node in cfg["available_node_types"].items():
+        if node["resources"].get("GPU"):
+            assert node["min_workers"] == 0, name
+    assert cfg["idle_timeout_minutes"] > 0
+    from rae_core.presets import load_config
+
+    for preset in ("imagenet256", "imagenet512", "imagenet256-dit"):
+        assert load_config(None, preset).ray.scale_up_timeout_s >= 600, preset
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", INFRA_README.read_text(), flags=re.S)
+    lines = [line.split("#", 1)[0].strip() if not line.lstrip().startswith("eval") else
+             line.strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line]
+
+
+def test_every_command_of_the_walk_through_is_exercised():
+    """Each command in infra/README.md is run by tests/test_deployments.py or names files that
+    a static test here or in tests/test_k8s.py checks."""
+    deployment_test = (ROOT / "tests" / "test_deployments.py").read_text()
+    exercised = set(re.findall(r'^[A-Z_]+ = "(prefect [^"]+)"$', deployment_test, flags=re.M))
+    assert len(exercised) == 4
+    checks = [
+        (r"cp (infra/\w+/\.env\.example) infra/\w+/\.env", lambda m: (ROOT / m[1]).is_file()),
+        (r"docker compose -f (\S+) up -d( --build)?", lambda m: Path(ROOT / m[1]) in
+         COMPOSE_FILES),
+        (r'eval "\$\(infra/docker/build\.sh( \S+)? \| tail -1\)"', lambda m: True),
+        (r"ray get-auth-token --generate", lambda m: True),
+        (r"ray up (\S+)", lambda m: ROOT / m[1] == RAY_CLUSTER),
+        (r"kubectl apply -f (infra/k8s/\S+\.yaml)", lambda m: (ROOT / m[1]).is_file()),
+        (r"envsubst '\$RAE_IMAGE' < (infra/k8s/\S+\.yaml) \| kubectl (apply|create) -f -",
+         lambda m: (ROOT / m[1]).is_file() and "${RAE_IMAGE}" in (ROOT / m[1]).read_text()),
+        (r"set -a; \. (infra/prefect/cluster-\w+\.env); set \+a",
+         lambda m: ROOT / m[1] in CLUSTER_ENVS),
+        (r"export PREFECT_API_URL=http://prefect\.rae\.internal:4200/api", lambda m: True),
+        (r"export MLFLOW_TRACKING_URI=http://mlflow\.rae\.internal:5000", lambda m: True),
+        (r"rae leaderboard", lambda m: True),
+        (r"prefect deployment run rae-run/pipeline -p preset=imagenet256 -p overrides='(.*)'",
+         lambda m: bool(json.loads(m[1]))),
+    ]
+    commands = readme_commands()
+    assert len(commands) >= 15
+    for cmd in commands:
+        if cmd in exercised:
+            continue
+        for pattern, ok in checks:
+            m = re.fullmatch(pattern, cmd)
+            if m:
+                assert ok(m), f"infra/README.md: `{cmd}` names something that does not exist"
+                break
+        else:
+            pytest.fail(f"infra/README.md: `{cmd}` is exercised by no test")
+
+
+def test_the_imagenet_overrides_of_the_walk_through_are_valid_settings():
+    from rae_core.presets import load_config
+
+    (cmd,) = [c for c in readme_commands() if "preset=imagenet256" in c]
+    overrides = json.loads(re.search(r"overrides='(.*)'", cmd).group(1))
+    cfg = load_config(None, "imagenet256", overrides)
+    assert cfg.data.source == "/mnt/shared/datasets/ilsvrc"
+    assert all(v.split("=", 1)[1].startswith("/mnt/shared/") for v in overrides)
+
+
+def test_machine_settings_of_dvc_never_go_into_the_committed_config():
+    """A cache path or link type is one machine's: documented with --local (.dvc/config.local)."""
+    lines = [line.strip() for p in [*infra_text_files(), SCALE_DOC]
+             for line in p.read_text().splitlines()
+             if re.search(r"\bdvc (cache dir|config) ", line)]
+    assert lines, "the DVC cluster settings are documented somewhere"
+    for line in lines:
+        assert "--local" in line.split("#", 1)[0], f"`{line}` would be committed in .dvc/config"
+
+
+def test_a_pipeline_run_from_an_unfilled_deployment_stops_in_one_line(monkeypatch, tmp_path):
+    """A deployment registered without the cluster-*.env values hands its run the placeholder
+    itself; the run names the variable instead of joining a Ray cluster called `{{ ... }}`."""
+    from flows.pipeline import run_flow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_ADDRESS", "{{ $RAE_CLUSTER_RAY_ADDRESS }}")
+    with pytest.raises(ConfigError) as e:
+        run_flow.fn(preset="smoke")
+    assert str(e.value).startswith("RAY_ADDRESS={{ $RAE_CLUSTER_RAY_ADDRESS }}: the deployment")
+    assert "cluster-*.env" in str(e.value)
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    with pytest.raises(ConfigError, match=r"until=evaluation: not a stage \(valid: prepare, "):
+        run_flow.fn(preset="smoke", until="evaluation")
+    with pytest.raises(ConfigError, match="generator.depht"):
+        run_flow.fn(preset="smoke", overrides=["generator.depht=3"])
+    assert not (tmp_path / "runs").exists()  # nothing started

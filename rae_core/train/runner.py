@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rae_core.config import Config
-from rae_core.errors import ConfigError
+from rae_core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 
 def ensure_ray(cfg: Config) -> None:
+    """Join the cluster RAY_ADDRESS names, or start a local Ray when it is unset or `local`.
+
+    `local` is explicit so that a driver on a node that already runs a cluster never joins it
+    by accident (and never passes num_cpus to a cluster it joined)."""
     import ray
 
     if ray.is_initialized():
@@ -23,19 +28,52 @@ def ensure_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False,
-                 runtime_env={"env_vars": _worker_env()})
-        have = ray.cluster_resources().get("CPU", 0)
-        if have < need:
-            raise ConfigError(f"ray.num_workers x ray.cpus_per_worker = {need} CPUs but the "
-                              f"cluster at {os.environ['RAY_ADDRESS']} has {have:g}")
-    else:
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # A local instance may oversubscribe: 2 workers x 2 threads on 2 cores is still correct.
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False,
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need),
+                 include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": _worker_env()})
+        return
+    ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": _worker_env()})
+    from ray.autoscaler.sdk import request_resources
+
+    bundle = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}
+    wait_for_resources(bundle, cfg.ray.num_workers, ray.cluster_resources, request_resources,
+                       cfg.ray.scale_up_timeout_s, address)
+
+
+def wait_for_resources(bundle: dict[str, float], count: int, available: Callable[[], dict],
+                       request: Callable[..., None], timeout_s: float, address: str,
+                       poll_s: float = 10.0) -> None:
+    """Wait until the cluster holds `count` x `bundle` in total, asking its autoscaler for them.
+
+    A cluster that scales its GPU nodes to zero starts with none; `request` (the autoscaler's
+    request_resources) makes it launch them at once. The request is withdrawn once they are
+    there: the trainer's own placement group keeps them busy, and idle nodes may go again."""
+    need = {k: v * count for k, v in bundle.items()}
+
+    def short() -> dict[str, float]:
+        have = available()
+        return {k: have.get(k, 0.0) for k, v in need.items() if have.get(k, 0.0) < v}
+
+    missing = short()
+    if not missing:
+        return
+    if timeout_s > 0:
+        request(bundles=[bundle] * count)
+        log.info("waiting up to %.0f s for the cluster to scale up to %s", timeout_s, need)
+        deadline = time.monotonic() + timeout_s
+        while missing and time.monotonic() < deadline:
+            time.sleep(poll_s)
+            missing = short()
+        request(bundles=[])
+        if not missing:
+            return
+    what = ", ".join(f"{need[k]:g} {k} (it has {v:g})" for k, v in missing.items())
+    raise ConfigError(f"ray.num_workers x ray.cpus_per_worker: the run needs {what} on the "
+                      f"cluster at {address}; waited {timeout_s:g} s (ray.scale_up_timeout_s)")
 
 
 def _worker_env() -> dict[str, str]:
@@ -71,6 +109,44 @@ def fit(name: str, loop: Callable[[dict], Any], loop_config: dict, cfg: Config,
     if result.error:
         raise result.error
     return result.return_value
+
+
+def dataset_view(root: str) -> dict:
+    """What a node sees at a dataset path: where it leads and how many class folders per split."""
+    import socket
+
+    def classes(split: str) -> int:
+        d = Path(root) / split
+        return sum(1 for c in d.iterdir() if c.is_dir()) if d.is_dir() else -1
+
+    return {"node": socket.gethostname(), "target": os.path.realpath(root),
+            "train": classes("train"), "val": classes("val")}
+
+
+def compare_dataset_views(driver: dict, worker: dict, setting: str) -> None:
+    """The worker must see what the driver validated: a link into storage only the driver's
+    node has (a local disk, a home folder) would resolve there and nowhere else."""
+    keys = ("target", "train", "val")
+    if all(driver[k] == worker[k] for k in keys):
+        return
+    raise DataError(f"{setting}: Ray worker node {worker['node']} sees {worker['target']} "
+                    f"({worker['train']} train / {worker['val']} val classes) where the driver "
+                    f"sees {driver['target']} ({driver['train']} / {driver['val']}); put the "
+                    "dataset on the volume every node mounts at the same path (/mnt/shared, "
+                    "infra/README.md)")
+
+
+def check_dataset_on_workers(root: Path, setting: str, cfg: Config) -> None:
+    """On a cluster, a worker node (one with a GPU, when the run uses them) reads the dataset
+    at `root` as the driver does. Nothing to check with a local Ray: one machine, one view."""
+    if (os.environ.get("RAY_ADDRESS") or "local") == "local":
+        return
+    import ray
+
+    ensure_ray(cfg)
+    probe = ray.remote(num_cpus=1, num_gpus=1 if cfg.ray.use_gpu else 0,
+                       max_retries=2)(dataset_view)
+    compare_dataset_views(dataset_view(str(root)), ray.get(probe.remote(str(root))), setting)
 
 
 def map_shards(fn: Callable[..., Any], shard_args: list[tuple], cfg: Config) -> list[Any]:
