@@ -16,6 +16,11 @@ from rae_core.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 
+def ray_address() -> str:
+    """The Ray a driver uses: the cluster RAY_ADDRESS names, or `local` (its own)."""
+    return os.environ.get("RAY_ADDRESS") or "local"
+
+
 def ensure_ray(cfg: Config) -> None:
     """Join the cluster RAY_ADDRESS names, or start a local Ray when it is unset or `local`.
 
@@ -28,7 +33,7 @@ def ensure_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    address = os.environ.get("RAY_ADDRESS") or "local"
+    address = ray_address()
     if address == "local":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # A local instance may oversubscribe: 2 workers x 2 threads on 2 cores is still correct.
@@ -139,7 +144,7 @@ def compare_dataset_views(driver: dict, worker: dict, setting: str) -> None:
 def check_dataset_on_workers(root: Path, setting: str, cfg: Config) -> None:
     """On a cluster, a worker node (one with a GPU, when the run uses them) reads the dataset
     at `root` as the driver does. Nothing to check with a local Ray: one machine, one view."""
-    if (os.environ.get("RAY_ADDRESS") or "local") == "local":
+    if ray_address() == "local":
         return
     import ray
 
