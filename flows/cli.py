@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,10 @@ def parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="the FID leaderboard from MLflow")
     lb.add_argument("--top", type=int, default=10)
     lb.add_argument("--format", choices=["table", "json", "md"], default="table")
-    lb.add_argument("--experiment", default="rae")
+    lb.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment "
+                    "of params.yaml, or of --preset)")
+    lb.add_argument("--preset", help="take tracking.experiment from this preset")
+    lb.add_argument("--params", default="params.yaml", help="the active configuration file")
     sub.add_parser("models", help="registered model configs with parameter counts")
     rp = sub.add_parser("reproduce", help="re-run a pinned preset from scratch and compare "
                         "its metrics with the recorded baseline (fails on drift)")
@@ -98,7 +102,7 @@ def _dispatch(args, root: Path) -> int:
     if args.command == "leaderboard":
         from flows.leaderboard import render, rows
 
-        print(render(rows(args.experiment), args.top, args.format))
+        print(render(rows(args.experiment or _experiment(args)), args.top, args.format))
         return 0
     if args.command == "models":
         from rae_core.validate import model_table
@@ -106,9 +110,9 @@ def _dispatch(args, root: Path) -> int:
         print(model_table())
         return 0
     if args.command == "ui":
-        os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri",
-                             os.environ["MLFLOW_TRACKING_URI"], "--host", args.host,
-                             "--port", str(args.port)])
+        mlflow = venv_tool("mlflow")
+        os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"],
+                          "--host", args.host, "--port", str(args.port)])
     if args.command == "reproduce":
         from rae_core.presets import load_config
 
@@ -145,6 +149,24 @@ def _dispatch(args, root: Path) -> int:
         else:
             stage_flow(args.stage, cfg.to_dict(), str(root))
     return 0
+
+
+def _experiment(args) -> str:
+    from rae_core.presets import load_config
+
+    return load_config(args.params, args.preset).tracking.experiment
+
+
+def venv_tool(name: str) -> str:
+    """A console script of the environment `rae` runs in, whether or not it is on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise RaeError(f"{name}: not installed beside {sys.executable} nor on PATH; "
+                       "run `make install`")
+    return found
 
 
 def _write_params(args, root: Path) -> int:

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -111,3 +112,23 @@ def test_cli_params_writes_a_preset(tmp_path):
     assert res.returncode == 0, res.stderr
     cfg = load_config(str(tmp_path / "params.yaml"))
     assert cfg.preset == "smoke" and cfg.generator.steps == 5
+
+
+def test_leaderboard_reads_the_configured_experiment(tmp_path):
+    from flows.cli import _experiment, parser
+
+    (tmp_path / "params.yaml").write_text("preset: tiny\ntracking:\n  experiment: mine\n")
+    args = parser().parse_args(["leaderboard", "--params", str(tmp_path / "params.yaml")])
+    assert args.experiment is None and _experiment(args) == "mine"
+    args = parser().parse_args(["leaderboard", "--preset", "smoke"])
+    assert _experiment(args) == "rae"
+
+
+def test_rae_ui_finds_mlflow_beside_its_own_python_without_path(monkeypatch):
+    from flows.cli import venv_tool
+    from rae_core.errors import RaeError
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert venv_tool("mlflow") == str(Path(sys.executable).parent / "mlflow")
+    with pytest.raises(RaeError, match=r"^no-such-tool: not installed beside .* run `make install`$"):
+        venv_tool("no-such-tool")
