@@ -9,6 +9,11 @@ space. The loss is IDDPM's hybrid: MSE(epsilon) plus the variational-bound term 
 KL between the true posterior and the model's, in bits; the decoder NLL at t = 0) computed with
 epsilon frozen, so the bound trains only the variance. DiT's loss type is plain MSE, under which
 IDDPM leaves the bound unscaled (its RESCALED_MSE multiplies it by T / 1000, which is 1 here).
+
+The samples may be images (B, C, H, W) or vectors (B, C): every per-sample mean runs over all
+but the batch axis, and y is passed to the model as it is, class labels (B,) or a per-row
+condition (B, D). MAR's and HART's residual head, a diffusion over token vectors, uses the
+cosine schedule (`cosine_betas`) instead of the linear one.
 """
 
 from __future__ import annotations
@@ -29,6 +34,21 @@ def linear_betas(num_timesteps: int = 1000) -> torch.Tensor:
     """DDPM's schedule (float64); other T scale it by 1000 / T, as IDDPM does."""
     scale = 1000 / num_timesteps
     return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+
+
+def cosine_betas(num_timesteps: int = 1000) -> torch.Tensor:
+    """Nichol & Dhariwal's cosine schedule (float64): abar(t) = f(t) / f(0) with
+    f(t) = cos^2((t / T + s) / (1 + s) * pi / 2), s = 0.008, as betas 1 - abar_{i+1} / abar_i,
+    capped at 0.999 (abar reaches 0 at t = T, where beta would be 1)."""
+    s = 0.008
+    t = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+
+
+def _mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """(B,) means over every axis but the batch: (B, C, H, W) images or (B, C) vectors."""
+    return x.mean(dim=tuple(range(1, x.dim())))
 
 
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor,
@@ -100,7 +120,7 @@ class GaussianDiffusion:
 
     @staticmethod
     def _at(table: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """table[t] shaped (B, 1, 1, 1) to broadcast over x, in fp32 on x's device."""
+        """table[t] shaped (B, 1, ...) to broadcast over x, in fp32 on x's device."""
         values = table[t.cpu()].to(device=x.device, dtype=torch.float32)  # no-op .cpu() for CPU t
         return values.view(-1, *[1] * (x.dim() - 1))
 
@@ -122,7 +142,7 @@ class GaussianDiffusion:
     def p_mean_variance(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                         clip_denoised: bool = False,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The model's reverse step p(x_{t-1} | x_t) from its output (B, C or 2C, H, W): mean,
+        """The model's reverse step p(x_{t-1} | x_t) from its output (B, C or 2C, ...): mean,
         log variance and the predicted x_0. Learned sigma is read from the 2C channels."""
         c = x_t.shape[1]
         eps = out[:, :c]
@@ -144,8 +164,8 @@ class GaussianDiffusion:
         posterior and the model's for t > 0, the decoder's NLL of x_0 at t = 0."""
         true_mean, true_log_var = self.q_posterior(x0, x_t, t)
         mean, log_var, _ = self.p_mean_variance(out, x_t, t)
-        kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=(1, 2, 3))
-        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3))
+        kl = _mean_flat(normal_kl(true_mean, true_log_var, mean, log_var))
+        nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var))
         return torch.where(t.to(kl.device) == 0, nll, kl) / math.log(2.0)
 
     def training_loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
@@ -164,7 +184,7 @@ class GaussianDiffusion:
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, self.timestep_map[t.cpu()].to(x0.device), y).float()
         c = x0.shape[1]
-        loss = (out[:, :c] - noise.float()).pow(2).mean(dim=(1, 2, 3))
+        loss = _mean_flat((out[:, :c] - noise.float()).pow(2))
         if out.shape[1] == 2 * c:
             frozen = torch.cat([out[:, :c].detach(), out[:, c:]], dim=1)
             loss = loss + self.vb_bits(frozen, x0.float(), x_t.float(), t)
@@ -193,10 +213,11 @@ class GaussianDiffusion:
 def sample(output_fn: OutputFn, noise: torch.Tensor, diffusion: GaussianDiffusion,
            method: Literal["ddpm", "ddim"] = "ddpm", eta: float = 0.0,
            generator: torch.Generator | None = None, clip_denoised: bool = False,
-           ) -> torch.Tensor:
+           temperature: float = 1.0) -> torch.Tensor:
     """Run the reverse process from x_{T-1} = noise to x_0 over every step of `diffusion`
     (respace it first). `output_fn(x, step)` gets the original steps of `timestep_map`; the
-    step noise is drawn on the generator's device."""
+    step noise is drawn on the generator's device and scaled by `temperature` (MAR's knob:
+    below 1 sharpens the samples; the starting noise is left as given)."""
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"method {method!r} is not one of ddpm, ddim")
     x = noise
@@ -204,7 +225,8 @@ def sample(output_fn: OutputFn, noise: torch.Tensor, diffusion: GaussianDiffusio
         step = torch.full((x.shape[0],), int(diffusion.timestep_map[i]), device=x.device)
         out = output_fn(x, step)
         needs_noise = i > 0 and (method == "ddpm" or eta > 0)
-        z = randn_on_generator(tuple(x.shape), x.device, generator).to(x.dtype) if needs_noise else None
+        z = (temperature * randn_on_generator(tuple(x.shape), x.device, generator).to(x.dtype)
+             if needs_noise else None)
         if method == "ddpm":
             x = diffusion.ddpm_step(out, x, i, z, clip_denoised)
         else:

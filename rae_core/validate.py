@@ -48,10 +48,13 @@ def check_registries(cfg: Config) -> None:
 
 
 def model_table() -> str:
-    """Every registered generator, decoder and VAE with its parameter count and forward MACs
+    """Every registered generator, decoder, VAE and tokenizer with its parameter count and MACs
     (meta device), each sized on the latent or images it is registered for."""
     from rae_core.decoder import DECODERS, decoder_param_count
+    from rae_core.hybrid_vq import TOKENIZERS, tokenizer_config, tokenizer_macs
+    from rae_core.hybrid_vq import tokenizer_param_counts as tokenizer_params
     from rae_core.models import MODELS, count_params, model_macs, reference_latent
+    from rae_core.models.registry import AR_MODELS, count_ar_params, reference_tokenizer
     from rae_core.vae import VAE_CONFIGS, vae_macs, vae_param_counts
 
     lines = [f"{'model':<14}{'params':>10}{'GMAC':>10}  sized on", "-" * 56]
@@ -59,6 +62,10 @@ def model_table() -> str:
         c, g, k = reference_latent(name)
         lines.append(f"{name:<14}{count_params(name, c, g, k) / 1e6:>9.1f}M"
                      f"{model_macs(name, c, g) / 1e9:>10.3g}  latent {c}x{g}x{g}, {k} classes")
+    for name in AR_MODELS:
+        vocab, channels, scales, k = reference_tokenizer(name)
+        lines.append(f"{name:<14}{count_ar_params(name) / 1e6:>9.1f}M{'':>10}  tokens "
+                     f"{vocab}x{channels}, scales {scales[0]}..{scales[-1]}, {k} classes")
     for name in DECODERS:
         small = "tiny" in name or "micro" in name
         c, g, p = (64, 4, 8) if small else (768, 16, 16)
@@ -70,6 +77,14 @@ def model_table() -> str:
         enc_macs, dec_macs = vae_macs(name, res)
         lines.append(f"{name:<14}{total / 1e6:>9.1f}M{(enc_macs + dec_macs) / 1e9:>10.3g}  "
                      f"AutoencoderKL at {res} px: encoder {enc / 1e6:.1f}M / "
+                     f"{enc_macs / 1e9:.4g} GMAC, decoder {dec / 1e6:.1f}M / "
+                     f"{dec_macs / 1e9:.4g} GMAC")
+    for name in TOKENIZERS:
+        res = tokenizer_config(name).resolution
+        enc, _, dec, total = tokenizer_params(name)
+        enc_macs, dec_macs = tokenizer_macs(name)
+        lines.append(f"{name:<14}{total / 1e6:>9.1f}M{(enc_macs + dec_macs) / 1e9:>10.3g}  "
+                     f"multi-scale VQ at {res} px: encoder {enc / 1e6:.1f}M / "
                      f"{enc_macs / 1e9:.4g} GMAC, decoder {dec / 1e6:.1f}M / "
                      f"{dec_macs / 1e9:.4g} GMAC")
     return "\n".join(lines)

@@ -20,6 +20,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for a test of small tensors, where threads only add overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory):
     """The digits image folder, materialised once for the session."""

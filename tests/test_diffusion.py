@@ -21,12 +21,7 @@ MU, SIGMA = 1.5, 0.5  # the data: every element ~ N(MU, SIGMA^2)
 BASE = GaussianDiffusion()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: threads only add overhead
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def exact_eps(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,11 @@ head), and `dit_ddpm`, the original DiT of Peebles & Xie trained with IDDPM diff
 heads); `DiT-S/2` ... `DiT-XL/8` are the original DiT at patch 2, 4, 8 (sized on a 4x32x32
 SD-VAE latent). `tiny` models are for a laptop CPU (64-channel 4x4 latent, or 4x8x8 at patch 2)
 and `micro` ones for seconds-long smoke tests.
+
+Beside them, `AR_MODELS`: the scale-wise autoregressive generators on a multi-scale quantiser's
+tokens, VAR (rae_core.models.var) and HART = VAR + a residual diffusion head, sized on VAR's
+tokenizer (vocabulary 4096, 32 channels, scales 1..16) or, for `tiny` / `micro`, on the 32 px
+digit tokenizers `vq-tiny` / `vq-micro` of rae_core.hybrid_vq (scales 1, 2, 3, 4).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from rae_core.models.blocks import swiglu_hidden
 from rae_core.models.dit import DiT
 from rae_core.models.dit_ddpm import DiTDDPM
 from rae_core.models.ditdh import DiTDH
+from rae_core.models.var import VAR
 
 
 class ModelConfigError(ConfigError, ValueError):
@@ -243,3 +249,76 @@ def _block_macs(n: int, d: int, mlp_macs: int, cond_tokens: int) -> int:
             + n * d * 3 * d + n * d * d  # qkv and output projections
             + 2 * n * n * d  # QK^T and AV
             + n * mlp_macs)
+
+
+@dataclass(frozen=True)
+class ARConfig:
+    """A scale-wise autoregressive generator: VAR, or HART = VAR + a residual diffusion head."""
+
+    family: Literal["var", "hart"]
+    depth: int
+    width: int
+    heads: int
+    head_width: int = 0  # HART's residual head; 0 for VAR
+    head_depth: int = 0
+
+
+AR_MODELS: dict[str, ARConfig] = {
+    # VAR's rule: width 64 x depth, heads = depth; HART's head is 6 blocks of width 1024
+    **{f"VAR-d{d}": ARConfig("var", d, 64 * d, d) for d in (16, 20, 24, 30)},
+    **{f"HART-d{d}": ARConfig("hart", d, 64 * d, d, head_width=1024, head_depth=6)
+       for d in (20, 24, 30)},
+    # ~1M parameters: a 32 px digit in a few CPU minutes; micro for seconds-long tests
+    "VAR-tiny": ARConfig("var", 3, 128, 4),
+    "VAR-micro": ARConfig("var", 2, 32, 2),
+    "HART-tiny": ARConfig("hart", 3, 128, 4, head_width=128, head_depth=3),
+    "HART-micro": ARConfig("hart", 2, 32, 2, head_width=32, head_depth=2),
+}
+
+def reference_tokenizer(name: str) -> tuple[int, int, tuple[int, ...], int]:
+    """(vocab, channels, scales, classes) of the tokenizer an autoregressive model is sized on:
+    rae_core.hybrid_vq's `var-vq` (ImageNet), `vq-tiny` or `vq-micro` (10 digit classes)."""
+    from rae_core.hybrid_vq import tokenizer_config
+
+    get_ar_config(name)
+    size = next((s for s in ("tiny", "micro") if s in name), None)
+    tok = tokenizer_config(f"vq-{size}" if size else "var-vq")
+    return tok.vocab, tok.z_channels, tok.scales, 10 if size else 1000
+
+
+def get_ar_config(name: str) -> ARConfig:
+    if name not in AR_MODELS:
+        close = difflib.get_close_matches(str(name), list(AR_MODELS), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ModelConfigError(f"unknown autoregressive model {name!r}{hint} "
+                               f"(valid: {', '.join(AR_MODELS)})")
+    return AR_MODELS[name]
+
+
+def build_ar_model(name: str, vocab: int, channels: int, scales: tuple[int, ...],
+                   num_classes: int, label_dropout: float = 0.1) -> nn.Module:
+    """A VAR (forward(labels, inputs) -> logits, hidden) or a HART (its `var` and
+    `residual_head`) for a tokenizer of `vocab` codes of `channels` values at `scales`."""
+    cfg = get_ar_config(name)
+    var = VAR(vocab, channels, scales, cfg.depth, cfg.width, cfg.heads, num_classes,
+              label_dropout=label_dropout)
+    if cfg.family == "var":
+        return var
+    # imported here: the residual head lives in its own module, and rae_core.hart imports VAR
+    from rae_core.hart import HART
+    from rae_core.models.residual_head import ResidualHead
+
+    return HART(var, ResidualHead(token_channels=channels, cond_channels=cfg.width,
+                                  width=cfg.head_width, depth=cfg.head_depth))
+
+
+def count_ar_params(name: str, vocab: int | None = None, channels: int | None = None,
+                    scales: tuple[int, ...] | None = None, num_classes: int | None = None) -> int:
+    """Trainable parameters without the tokenizer, counted on the meta device; unset arguments
+    come from the model's reference tokenizer."""
+    ref = reference_tokenizer(name)
+    given = (vocab, channels, scales, num_classes)
+    args = [r if g is None else g for g, r in zip(given, ref, strict=True)]
+    with torch.device("meta"):
+        model = build_ar_model(name, *args)
+    return sum(p.numel() for p in model.parameters())
