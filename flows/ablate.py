@@ -24,6 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import tracking
 from flows.pipeline import one_line, run_stage
+from flows.source import flow_run_name
 from rae_core.ablations import make_plan
 from rae_core.ablations.compute import train_flops
 from rae_core.ablations.overfit import overfit_one_latent
@@ -222,7 +223,8 @@ def write_report(plan: Plan, report: dict, parent: str, project: str) -> Path:
     return top / "report.md"
 
 
-@flow(name="rae-ablate", task_runner=ThreadPoolTaskRunner(max_workers=LANES))
+@flow(name="rae-ablate", task_runner=ThreadPoolTaskRunner(max_workers=LANES),
+      flow_run_name=flow_run_name)
 def ablate_flow(cfg_dict: dict, project: str, letters: tuple[str, ...] | None = None) -> str:
     """Shared roots once, then every arm for every seed, then the report."""
     cfg = from_dict(cfg_dict)

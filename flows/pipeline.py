@@ -16,6 +16,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import tracking
+from flows.source import flow_run_name
 from rae_core.config import Config, from_dict
 from rae_core.errors import ConfigError, RaeError
 from rae_core.locking import project_lock
@@ -167,7 +168,7 @@ def stage_task(name: str, cfg_dict: dict, root: str, parent: str | None) -> dict
     return run_stage(name, from_dict(cfg_dict), Paths.at(root), parent)
 
 
-@flow(name="rae-pipeline")
+@flow(name="rae-pipeline", flow_run_name=flow_run_name)
 def pipeline_flow(cfg_dict: dict, root: str, until: str | None = None) -> dict:
     """prepare -> pretrain-encoder -> stats -> extract -> train-decoder -> train-generator -> sample
     -> evaluate, one task each, under one parent MLflow run."""
@@ -202,7 +203,7 @@ def _pipeline(cfg: Config, paths: Paths, cfg_dict: dict, root: str, until: str |
 JOB_ENV = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAE_PROJECT_DIR")
 
 
-@flow(name="rae-run")
+@flow(name="rae-run", flow_run_name=flow_run_name)
 def run_flow(preset: str | None = None, overrides: list[str] | None = None,
              until: str | None = None) -> dict:
     """`rae run [--preset P] [--set KEY=VALUE ...] [--until STAGE]` for a deployment: in the
@@ -226,7 +227,7 @@ def run_flow(preset: str | None = None, overrides: list[str] | None = None,
     return pipeline_flow(cfg.to_dict(), str(root), until)
 
 
-@flow(name="rae-stage")
+@flow(name="rae-stage", flow_run_name=flow_run_name)
 def stage_flow(name: str, cfg_dict: dict, root: str) -> dict:
     with project_lock(root, f"rae stage {name}"):
         return stage_task.with_options(name=name)(name, cfg_dict, root, None)

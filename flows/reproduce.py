@@ -14,13 +14,13 @@ import hashlib
 import json
 import logging
 import shutil
-import subprocess
 from pathlib import Path
 
 from prefect import flow
 
 from flows import tracking
 from flows.pipeline import pipeline_flow
+from flows.source import code_revision, flow_run_name
 from rae_core.config import Config
 from rae_core.drift import compare, raise_on_drift, report_markdown, report_rows
 from rae_core.locking import project_lock
@@ -33,18 +33,6 @@ KIND = "reproduce"
 # what decides the numbers; schedules, tracking and the Ray layout do not
 RESULT_SECTIONS = ("seed", "data", "autoencoder", "encoder", "stats", "extract", "decoder",
                    "generator", "sample", "evaluate")
-
-
-def code_revision(root: Path) -> str:
-    """The git commit of the project, with `+dirty` when tracked files differ from it."""
-    def git(*args: str) -> str:
-        res = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return res.stdout.strip() if res.returncode == 0 else ""
-
-    rev = git("rev-parse", "HEAD")
-    if not rev:
-        return "unversioned"
-    return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def data_lock(root: Path) -> str:
@@ -77,7 +65,7 @@ def _evaluation(work: Path) -> dict[str, float]:
             if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-@flow(name="rae-reproduce")
+@flow(name="rae-reproduce", flow_run_name=flow_run_name)
 def reproduce_flow(preset: str, root: str | None = None,
                    overrides: list[str] | None = None) -> dict:
     """Re-run `preset` (plus `overrides`) from scratch; fail when a metric drifts."""

@@ -17,6 +17,9 @@ from rae_core.config import Config
 log = logging.getLogger(__name__)
 
 EVAL_KIND = "evaluation"
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, tokens);
+# with it, on the runs table of model training
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 SECRET_WORDS = ("token", "password", "secret", "key_id", "access_key", "credential")
 URL_CREDENTIALS = re.compile(r"://[^/@\s]+@")
 
@@ -33,12 +36,15 @@ def experiment_id(cfg: Config, root: Path) -> str:
     name = cfg.tracking.experiment
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND) is None:  # made before the tag, or by someone else
+            client().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         return exp.experiment_id
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     # artifacts beside the SQLite store they belong to (a run's own folder may be temporary)
     store = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else root
     location = (store / "mlartifacts" / name).as_uri() if uri.startswith("sqlite") else None
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location,
+                                    tags={EXPERIMENT_KIND: MODEL_TRAINING})
 
 
 def _safe_params(cfg: Config) -> dict[str, str]:
@@ -55,8 +61,11 @@ def start_run(cfg: Config, root: Path, name: str, parent: str | None = None,
               tags: dict[str, str] | None = None) -> str:
     from mlflow.entities import Param
 
+    from flows.source import source_tags
+
     c = client()
-    all_tags = {"mlflow.runName": name, "rae.preset": cfg.preset, **(tags or {})}
+    all_tags = {"mlflow.runName": name, "rae.preset": cfg.preset, **source_tags(root),
+                **(tags or {})}
     if parent:
         all_tags["mlflow.parentRunId"] = parent
     run = c.create_run(experiment_id(cfg, root), tags=all_tags)

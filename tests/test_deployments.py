@@ -125,6 +125,9 @@ def test_the_worker_ran_the_pipeline_deployment_to_completion(deployed, servers,
     assert run["work_pool_name"] == "rae-pool" and run["work_queue_name"] == "cluster"
     assert run["infrastructure_pid"], "no worker started the flow run's process"
     assert run["parameters"]["preset"] == "smoke"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=deployed["proj"], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    assert run["name"] == f"smoke@{commit[:12]}"  # named after preset and code revision
     dep = http_json(f"{servers['prefect']}/deployments/{run['deployment_id']}")
     assert dep["name"] == "pipeline" and dep["entrypoint"] == "flows/pipeline.py:run_flow"
     # `prefect deploy` filled the job variables in from the environment it ran in.
