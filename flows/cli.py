@@ -25,6 +25,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="the active configuration file")
 
 
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment of "
+                   "params.yaml, or of --preset)")
+    p.add_argument("--preset", help="take tracking.experiment from this preset")
+    p.add_argument("--params", default="params.yaml", help="the active configuration file")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rae", description="RAE experiment platform")
     sub = p.add_subparsers(dest="command", required=True)
@@ -43,10 +50,17 @@ def parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="the FID leaderboard from MLflow")
     lb.add_argument("--top", type=int, default=10)
     lb.add_argument("--format", choices=["table", "json", "md"], default="table")
-    lb.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment "
-                    "of params.yaml, or of --preset)")
-    lb.add_argument("--preset", help="take tracking.experiment from this preset")
-    lb.add_argument("--params", default="params.yaml", help="the active configuration file")
+    _experiment_args(lb)
+    rn = sub.add_parser("runs", help="recent pipeline runs: status, preset, commit, wall time, "
+                        "FID")
+    rn.add_argument("--limit", type=int, default=20)
+    rn.add_argument("--format", choices=["table", "json"], default="table")
+    cp = sub.add_parser("compare", help="two runs' differing params and their metrics side "
+                        "by side (a pipeline run brings its stages' metrics)")
+    cp.add_argument("run_a", metavar="RUN_A", help="an MLflow run id (see `rae runs`)")
+    cp.add_argument("run_b", metavar="RUN_B")
+    cp.add_argument("--format", choices=["table", "json"], default="table")
+    _experiment_args(rn)
     sub.add_parser("models", help="registered model configs with parameter counts")
     rp = sub.add_parser("reproduce", help="re-run a pinned preset from scratch and compare "
                         "its metrics with the recorded baseline (fails on drift)")
@@ -103,6 +117,18 @@ def _dispatch(args, root: Path) -> int:
         from flows.leaderboard import render, rows
 
         print(render(rows(args.experiment or _experiment(args)), args.top, args.format))
+        return 0
+    if args.command == "runs":
+        from flows.history import pipeline_runs, render_runs
+
+        print(render_runs(pipeline_runs(args.experiment or _experiment(args), args.limit),
+                          args.format))
+        return 0
+    if args.command == "compare":
+        from flows.history import compare_runs, render_comparison
+
+        print(render_comparison(compare_runs(args.run_a, args.run_b), args.run_a, args.run_b,
+                                args.format))
         return 0
     if args.command == "models":
         from rae_core.validate import model_table
