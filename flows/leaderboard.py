@@ -28,6 +28,7 @@ def rows(experiment: str) -> list[dict[str, Any]]:
             continue
         row = {"group": " / ".join(f"{k}={t.get('rae.' + k, '?')}" for k in GROUP_TAGS),
                "run_id": r.info.run_id, "generator_version": t.get("rae.generator_version", "")}
+        row.update({k: t.get(f"rae.{k}", "") for k in GROUP_TAGS})
         row.update({k: t.get(f"rae.{k}", "") for k in ROW_TAGS})
         row.update({k: m[k] for k in METRICS if k in m})
         out.append(row)
@@ -66,16 +67,23 @@ def _fmt(v: Any) -> str:
     return str(v)[:12] if len(str(v)) > 12 and str(v).isalnum() else str(v)
 
 
-def crown_champion(experiment: str, registered_name: str, group: str,
+def crown_champion(experiment: str, registered_name: str, dataset: str, resolution: str,
                    family: str) -> str | None:
-    """Give the alias `champion` of `registered_name` (one family's generators) to its version
-    with the best FID in `group`."""
+    """Give the alias `champion` of `registered_name` (one family's generators on one dataset
+    and resolution) to its best version under the most thorough protocol it was evaluated
+    with: the extractor and reference set with the most samples. FIDs of different protocols
+    are not comparable, and a small evaluation must not take the alias from a better model
+    measured on more samples."""
     from mlflow.tracking import MlflowClient
 
-    best = [r for r in rows(experiment)
-            if r["group"] == group and r["family"] == family and r["generator_version"]]
-    if not best:
+    scored = [r for r in rows(experiment)
+              if r["family"] == family and r["generator_version"]
+              and (r["dataset"], r["resolution"]) == (dataset, resolution)]
+    if not scored:
         return None
-    version = best[0]["generator_version"]
-    MlflowClient().set_registered_model_alias(registered_name, "champion", version)
-    return version
+    thorough = max(scored, key=lambda r: int(r["num_samples"] or 0))["num_samples"]
+    protocols = sorted({r["group"] for r in scored if r["num_samples"] == thorough})
+    best = min((r for r in scored if r["group"] == protocols[0]), key=lambda r: r["fid"])
+    MlflowClient().set_registered_model_alias(registered_name, "champion",
+                                              best["generator_version"])
+    return best["generator_version"]

@@ -104,11 +104,9 @@ def _after_stage(name: str, cfg: Config, paths: Paths, run_id: str, out: dict) -
         if grid.exists():
             c.log_artifact(run_id, str(grid), artifact_path="images")
         if reg.exists():
-            group = " / ".join(f"{k}={tags['rae.' + k]}" for k in
-                               ("dataset", "resolution", "extractor", "num_samples"))
             tracking.end_run(run_id)
-            crown_champion(cfg.tracking.experiment, registered_name(cfg, "generator"), group,
-                           family(cfg))
+            crown_champion(cfg.tracking.experiment, registered_name(cfg, "generator"),
+                           tags["rae.dataset"], tags["rae.resolution"], family(cfg))
 
 
 def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
