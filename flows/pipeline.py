@@ -6,6 +6,7 @@ while it runs, calls the rae_core stage, then logs its outputs, artifacts and mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from rae_core.stages import STAGES
 
 log = logging.getLogger(__name__)
 ORDER = list(STAGES)
+TRAINING_STAGES = ("pretrain-encoder", "train-decoder", "train-generator")
 
 
 def family(cfg: Config) -> str:
@@ -118,7 +120,9 @@ def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
     run_id = tracking.start_run(cfg, paths.root, name, parent, tags={"rae.stage": name})
     t0 = time.time()
     try:
-        with tracking.MetricsForwarder(run_id, paths.metrics_log(name)) as fwd:
+        system = tracking.system_metrics(run_id) if name in TRAINING_STAGES else \
+            contextlib.nullcontext()
+        with tracking.MetricsForwarder(run_id, paths.metrics_log(name)) as fwd, system:
             out = STAGES[name](cfg, paths)
         t1 = time.time()
         out = dict(out or {})

@@ -3,6 +3,7 @@ from the stage's JSON-lines log while it runs, artifacts, registered models, the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -95,6 +96,21 @@ def log_numbers(run_id: str, values: dict[str, Any], prefix: str = "", step: int
             metrics.append(Metric(f"{prefix}{k}", float(v), now, step))
     if metrics:
         c.log_batch(run_id, metrics=metrics)
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, interval_s: float = 10.0):
+    """CPU, memory, disk and network of this machine (and its GPUs, where MLflow can read them)
+    as the run's `system/...` curves while the block runs: the driver's machine, which is also
+    the workers' on one machine."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 class MetricsForwarder:

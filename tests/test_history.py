@@ -61,3 +61,16 @@ def test_the_commands_print_what_the_functions_return(two_runs, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["param", a[:12], b[:12]]
     assert any(line.split()[:3] == ["evaluate.fid", "12.5", "9.25"] for line in out.splitlines())
+
+
+def test_a_training_stage_records_the_machine_it_ran_on(local_mlflow, tmp_path):
+    import time
+
+    run = tracking.start_run(load_config(None, "smoke"), tmp_path, "train-generator")
+    with tracking.system_metrics(run, interval_s=0.2):
+        time.sleep(1.5)
+    tracking.end_run(run)
+    keys = set(tracking.client().get_run(run).data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys
+    history = tracking.client().get_metric_history(run, "system/cpu_utilization_percentage")
+    assert len(history) >= 2  # a curve, not one number
