@@ -117,7 +117,9 @@ def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
     `register=False` leaves a training stage's model out of the registry (ablation arms are
     experiments, not candidates for the champion alias)."""
     t_track = time.time()
-    run_id = tracking.start_run(cfg, paths.root, name, parent, tags={"rae.stage": name})
+    resuming = any(paths.checkpoints.glob(f"{name}-*/last.pt"))  # the loops' resume points
+    run_id = tracking.stage_run(cfg, paths.root, name, parent, tags={"rae.stage": name},
+                                resuming=resuming)
     t0 = time.time()
     try:
         system = tracking.system_metrics(run_id) if name in TRAINING_STAGES else \

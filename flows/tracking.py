@@ -76,6 +76,33 @@ def start_run(cfg: Config, root: Path, name: str, parent: str | None = None,
     return run.info.run_id
 
 
+def stage_run(cfg: Config, root: Path, name: str, parent: str | None,
+              tags: dict[str, str] | None = None, resuming: bool = False) -> str:
+    """The MLflow run of a stage. When the stage is `resuming` from a checkpoint, the run that
+    an earlier attempt of the same stage, configuration and project left unfinished (killed
+    or failed), so that its curves continue in one run; otherwise a new one. A stage run again
+    after it finished, or from scratch, gets a new run."""
+    import hashlib
+
+    key = hashlib.sha256(f"{name}|{cfg.fingerprint()}|{Path(root).resolve()}".encode()
+                         ).hexdigest()[:16]
+    c = client()
+    earlier = c.search_runs([experiment_id(cfg, root)],
+                            f"tags.`rae.resume_key` = '{key}' and "
+                            "attributes.status != 'FINISHED'",
+                            max_results=1, order_by=["attributes.start_time DESC"]
+                            ) if resuming else []
+    if not earlier:
+        return start_run(cfg, root, name, parent, tags={**(tags or {}), "rae.resume_key": key})
+    run_id = earlier[0].info.run_id
+    c.update_run(run_id, status="RUNNING")
+    if parent:
+        c.set_tag(run_id, "mlflow.parentRunId", parent)  # under the pipeline run resuming it
+    c.set_tag(run_id, "rae.resumed", "true")
+    log.info("%s: continuing MLflow run %s of the unfinished attempt", name, run_id)
+    return run_id
+
+
 def end_run(run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
     c = client()
     if error:

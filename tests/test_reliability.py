@@ -135,3 +135,65 @@ def test_credentials_in_params_are_never_logged():
     assert logged["data.source"] == "s3://***@bucket/ilsvrc"
     assert not any("s3cr3t" in v or "AKIAXYZ" in v for v in logged.values())
     assert logged["generator.model"] == "DiTDH-micro"
+
+
+def test_a_stage_killed_with_its_driver_continues_its_mlflow_run(tmp_path, digits_root):
+    """The whole `rae stage` process is SIGKILLed after a checkpoint; run again, the stage
+    resumes and its metrics go on in the same MLflow run, not a second one."""
+    import time
+
+    import mlflow
+
+    proj = tmp_path / "project"
+    proj.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS", "PREFECT_HOME")}
+    args = ["--preset", "smoke", "--set", "encoder.pretrain.steps=120",
+            "--set", "encoder.pretrain.ckpt_every=10"]
+
+    def stage(name: str) -> list[str]:
+        return [sys.executable, "-m", "flows.cli", "stage", name, *args]
+
+    (proj / "data").mkdir()
+    (proj / "data" / "dataset").symlink_to(digits_root, target_is_directory=True)  # prepared
+    proc = subprocess.Popen(stage("pretrain-encoder"), cwd=proj, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlflow.db'}")
+    ckpts, end = Paths.at(proj).checkpoints, time.time() + 240
+
+    def logged_steps() -> set[int]:
+        runs = mlflow.search_runs(experiment_names=["rae"], output_format="list",
+                                  filter_string="tags.`rae.stage` = 'pretrain-encoder'")
+        history = [m for r in runs for m in mlflow.tracking.MlflowClient()
+                   .get_metric_history(r.info.run_id, "mae_loss")]
+        return {m.step for m in history}
+
+    # past the first checkpoint, with some of its steps already in MLflow
+    while time.time() < end and not (any(ckpts.glob("pretrain-encoder-*/last.pt"))
+                                     and logged_steps()):
+        time.sleep(0.5)
+    # the driver and everything it started (the local Ray and its training worker), as a
+    # crash of the machine would take them
+    import psutil
+
+    tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    for p in tree:
+        p.kill()
+    psutil.wait_procs(tree, timeout=30)
+    (ckpt,) = ckpts.glob("pretrain-encoder-*/last.pt")
+    killed_at = safe_load(ckpt)["step"]
+    assert 10 <= killed_at < 120, "the kill came too late to test a resume"
+    before = logged_steps()
+    again = subprocess.run(stage("pretrain-encoder"), cwd=proj, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+    runs = mlflow.search_runs(experiment_names=["rae"], output_format="list",
+                              filter_string="tags.`rae.stage` = 'pretrain-encoder'")
+    assert len(runs) == 1, [r.info.status for r in runs]
+    (run,) = runs
+    assert run.info.status == "FINISHED" and run.data.tags["rae.resumed"] == "true"
+    steps = {m.step for m in mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id,
+                                                                               "mae_loss")}
+    assert before <= steps and max(steps) == 120  # one curve across the crash
+    assert run.data.metrics["stage.resumed_at"] == killed_at
