@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows.source import source_tags
 from rae_core.config import Config
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,6 @@ def _safe_params(cfg: Config) -> dict[str, str]:
 def start_run(cfg: Config, root: Path, name: str, parent: str | None = None,
               tags: dict[str, str] | None = None) -> str:
     from mlflow.entities import Param
-
-    from flows.source import source_tags
 
     c = client()
     all_tags = {"mlflow.runName": name, "rae.preset": cfg.preset, **source_tags(root),
