@@ -39,6 +39,31 @@ def digits_root(tmp_path_factory):
     return root
 
 BIN = Path(sys.executable).parent
+CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
+                "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
+
+
+def git(cwd: Path, *args: str) -> str:
+    """A git command in `cwd` with a test identity (commits need one); its stripped stdout."""
+    return subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **GIT_IDENTITY},
+                          check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+def constraint_pins() -> dict[str, str]:
+    """constraints.txt as {canonical name: version}; every line must be one `name==version`."""
+    from packaging.utils import canonicalize_name
+
+    out = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep, f"constraints.txt: `{line}` is not a `name==version` pin"
+            key = canonicalize_name(name.strip())
+            assert key not in out, f"constraints.txt pins {name} twice"
+            out[key] = version.strip()
+    return out
 
 
 def _free_port() -> int:

@@ -12,7 +12,6 @@ import argparse
 import ast
 import importlib.util
 import json
-import os
 import re
 import shlex
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import constraint_pins, git
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
@@ -47,16 +47,6 @@ def load(path: Path) -> dict:
 
 def load_all(path: Path) -> list:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-
-
-def constraints() -> dict[str, str]:
-    pins = {}
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if "==" in line:
-            name, version = line.split("==", 1)
-            pins[canonicalize_name(name)] = version.strip()
-    return pins
 
 
 def pyproject() -> dict:
@@ -292,7 +282,7 @@ def test_rae_command_lines_parse():
 
 
 def test_mlflow_version_matches_constraints():
-    pinned = constraints()["mlflow"]
+    pinned = constraint_pins()["mlflow"]
     assert pinned in requirement_spec("mlflow")
     installs = re.findall(r"mlflow==([\w.]+)", MLFLOW_DOCKERFILE.read_text())
     assert installs == [pinned], f"infra/mlflow/Dockerfile installs {installs}, pin {pinned}"
@@ -301,13 +291,13 @@ def test_mlflow_version_matches_constraints():
 
 
 def test_prefect_version_matches_constraints():
-    pinned = constraints()["prefect"]
+    pinned = constraint_pins()["prefect"]
     assert pinned in requirement_spec("prefect")
     assert str(load(PREFECT_YAML)["prefect-version"]) == pinned
 
 
 def test_ray_version_matches_constraints():
-    pinned = constraints()["ray"]
+    pinned = constraint_pins()["ray"]
     assert pinned in requirement_spec("ray")
     cluster = next(d for d in load_all(KUBERAY) if d["kind"] == "RayCluster")
     assert str(cluster["spec"]["rayVersion"]) == pinned
@@ -339,21 +329,15 @@ def test_platform_images_are_tagged_by_commit_with_an_explicit_pull_policy():
                 assert image.startswith("rae-platform:${RAE_IMAGE_TAG:?"), image
 
 
-def _git(cwd: Path, *args: str) -> None:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
-    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, timeout=30)
-
-
 def test_build_script_tags_by_commit_and_refuses_a_dirty_tree(tmp_path):
     script = INFRA / "docker" / "build.sh"
     repo = tmp_path / "repo"
     (repo / "infra" / "docker").mkdir(parents=True)
     shutil.copy(script, repo / "infra" / "docker" / "build.sh")
     (repo / "file").write_text("a")
-    _git(repo, "init", "-q")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-qm", "x")
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "x")
     (repo / "file").write_text("b")  # a tracked change: the tag would not name the code
     res = subprocess.run(["bash", "infra/docker/build.sh"], cwd=repo, capture_output=True,
                          text=True, timeout=30)

@@ -17,13 +17,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import constraint_pins
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
-CONSTRAINTS = ROOT / "constraints.txt"
 MLFLOW_DOCKERFILE = INFRA / "mlflow" / "Dockerfile"
 PROJECT = canonicalize_name("rae-platform")
 
@@ -42,19 +42,6 @@ VALUE_OPTIONS = {
 }
 # A line ends at a shell separator, a line continuation or the end of an inline code span.
 LINE_END = re.compile(r"&&|\|\||;|\||`|\\\s*$|\)")
-
-
-def pins() -> dict[str, str]:
-    out = {}
-    for line in CONSTRAINTS.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, sep, version = line.partition("==")
-            assert sep, f"constraints.txt: `{line}` is not a `name==version` pin"
-            key = canonicalize_name(name.strip())
-            assert key not in out, f"constraints.txt pins {name} twice"
-            out[key] = version.strip()
-    return out
 
 
 def project() -> dict:
@@ -84,7 +71,7 @@ def pin_problem(req: Requirement, pinned: dict[str, str]) -> str | None:
 
 @pytest.fixture(scope="module")
 def pinned() -> dict[str, str]:
-    return pins()
+    return constraint_pins()
 
 
 # the `pip install` lines ---------------------------------------------------------------------

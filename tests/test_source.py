@@ -1,38 +1,29 @@
 """Where a run's code came from: git provenance on every MLflow run, the experiment opened in
 the model-training view, and flow runs named after preset and revision."""
 
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
+from conftest import git
 
 from flows.source import code_revision, flow_run_name, git_source, source_tags
-
-
-def _git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
-    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True,
-                          text=True, timeout=30).stdout.strip()
 
 
 @pytest.fixture
 def repo(tmp_path):
     repo = tmp_path / "project"
     repo.mkdir()
-    _git(repo, "init", "-q", "-b", "exp/branch")
+    git(repo, "init", "-q", "-b", "exp/branch")
     (repo / "params.yaml").write_text("preset: smoke\n")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-qm", "x")
-    _git(repo, "remote", "add", "origin", "https://example.com/rae.git")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "x")
+    git(repo, "remote", "add", "origin", "https://example.com/rae.git")
     git_source.cache_clear()
     yield repo
     git_source.cache_clear()
 
 
 def test_the_git_state_of_the_project_is_read_as_it_is(repo):
-    commit = _git(repo, "rev-parse", "HEAD")
+    commit = git(repo, "rev-parse", "HEAD")
     tags = source_tags(repo)
     assert tags["mlflow.source.git.commit"] == commit
     assert tags["mlflow.source.git.branch"] == "exp/branch"
@@ -57,7 +48,7 @@ def test_every_run_carries_its_source_and_the_experiment_opens_on_training(repo,
     cfg = load_config(None, "smoke")
     run_id = tracking.start_run(cfg, repo, "stage-x")
     run = tracking.client().get_run(run_id)
-    assert run.data.tags["mlflow.source.git.commit"] == _git(repo, "rev-parse", "HEAD")
+    assert run.data.tags["mlflow.source.git.commit"] == git(repo, "rev-parse", "HEAD")
     assert run.data.tags["mlflow.source.type"] == "PROJECT"
     exp = local_mlflow.get_experiment(run.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -71,7 +62,7 @@ def test_every_run_carries_its_source_and_the_experiment_opens_on_training(repo,
 def test_flow_runs_are_named_after_what_ran_and_the_revision(repo, monkeypatch):
     from prefect.runtime import flow_run
 
-    short = _git(repo, "rev-parse", "HEAD")[:12]
+    short = git(repo, "rev-parse", "HEAD")[:12]
     cases = [({"cfg_dict": {"preset": "tiny"}, "root": str(repo)}, f"tiny@{short}"),
              ({"name": "train-generator", "cfg_dict": {"preset": "smoke"}, "root": str(repo)},
               f"train-generator smoke@{short}"),
