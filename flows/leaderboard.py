@@ -8,7 +8,8 @@ from typing import Any
 GROUP_TAGS = ("dataset", "resolution", "extractor", "num_samples")
 ROW_TAGS = ("family", "model", "encoder", "decoder", "steps", "sampler", "sampling_steps", "guidance",
             "scale", "preset")
-METRICS = ("fid", "precision", "recall", "class_accuracy", "inception_score", "rfid")
+METRICS = ("fid", "precision", "recall", "class_accuracy", "inception_score", "rfid",
+           "images_per_s")
 
 
 def rows(experiment: str) -> list[dict[str, Any]]:
@@ -44,8 +45,8 @@ def render(board: list[dict[str, Any]], top: int, fmt: str) -> str:
         return json.dumps(groups, indent=1)
     if not groups:
         return "no evaluations yet: run `rae run` (or `make demo`) first"
-    cols = ["rank", "fid", "precision", "recall", "class_accuracy", "family", "model", "encoder",
-            "steps",
+    cols = ["rank", "fid", "precision", "recall", "class_accuracy", "images_per_s", "family",
+            "model", "encoder", "steps",
             "sampler", "sampling_steps", "guidance", "scale", "preset", "run_id"]
     blocks = []
     for g, rs in groups.items():

@@ -35,6 +35,8 @@ def family(cfg: Config) -> str:
 
 
 def decoder_label(cfg: Config) -> str:
+    if cfg.autoencoder.kind == "hybrid-vq":
+        return cfg.encoder.name + "-hybrid"
     if cfg.autoencoder.kind == "vae":
         return cfg.encoder.name + ("-ft" if cfg.autoencoder.finetune_decoder else "")
     return cfg.decoder.model

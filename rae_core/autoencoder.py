@@ -5,6 +5,10 @@
 - `vae`: a diffusers AutoencoderKL (SD-VAE from local files, or a slim one pretrained here):
   its posterior mean as the latent, one latent scale, and its own decoder (optionally
   fine-tuned by `train-decoder`).
+- `hybrid-vq`: HART's tokenizer (rae_core.hybrid_vq), pretrained here by VAR's VQ objective
+  unless weights are given: its continuous latent f unnormalised (the generator tokenises it
+  itself), the statistics of the residual f - f_hat that HART's diffusion head learns, and its
+  decoder, trained by `train-decoder` on the discrete or the hybrid latent at random.
 Every stage reaches the encoder, the statistics and the decoder through these functions.
 """
 
@@ -22,8 +26,22 @@ from rae_core.paths import Paths
 SELF_PRETRAINED = ("mae-tiny", "mae-micro", "mae-tiny-256")
 
 
+def tokenizer_config(cfg: Config):
+    """The hybrid-vq tokenizer's config: the registered one with autoencoder's overrides, at
+    the dataset's resolution."""
+    from rae_core.hybrid_vq import tokenizer_config as registered
+
+    a = cfg.autoencoder
+    return registered(cfg.encoder.name, vocab=a.vocab, z_channels=a.channels, scales=a.scales,
+                      resolution=cfg.data.resolution)
+
+
 def latent_shape(cfg: Config) -> tuple[int, int, int]:
     """(C, H, W) of the configured autoencoder's latent, from its config (no weights read)."""
+    if cfg.autoencoder.kind == "hybrid-vq":
+        tok = tokenizer_config(cfg)
+        side = tok.resolution // tok.downsampling
+        return tok.z_channels, side, side
     if cfg.autoencoder.kind == "vae":
         from rae_core.vae import downsampling, vae_config
 
@@ -39,18 +57,33 @@ def latent_shape(cfg: Config) -> tuple[int, int, int]:
 
 def needs_pretraining(cfg: Config) -> bool:
     """Autoencoders the platform pretrains itself when no weights are given."""
-    if cfg.autoencoder.kind == "vae":
+    if cfg.autoencoder.kind in ("vae", "hybrid-vq"):
         return cfg.encoder.weights is None
     return cfg.encoder.name in SELF_PRETRAINED and cfg.encoder.weights is None
 
 
 def encoder_weights(cfg: Config, paths: Paths) -> str | None:
     if needs_pretraining(cfg):
-        return str(paths.encoder_dir / "encoder.pt")
+        name = "tokenizer.pt" if cfg.autoencoder.kind == "hybrid-vq" else "encoder.pt"
+        return str(paths.encoder_dir / name)
     return cfg.encoder.weights
 
 
+def tokenizer_parts(cfg: Config, paths: Paths):
+    """(encoder, decoder) of the hybrid-vq tokenizer pretrain-encoder wrote, or of the given
+    weights."""
+    from rae_core.hybrid_vq import tokenizer_parts as parts
+
+    weights = encoder_weights(cfg, paths)
+    if needs_pretraining(cfg) and not Path(weights).exists():
+        raise DataError(f"{weights}: pretrained {cfg.encoder.name} tokenizer not found; run "
+                        "`rae stage pretrain-encoder` first or set encoder.weights")
+    return parts(cfg.encoder.name, tokenizer_config(cfg), weights, cfg.autoencoder.hybrid_prob)
+
+
 def load_encoder(cfg: Config, paths: Paths, device: torch.device | str = "cpu") -> nn.Module:
+    if cfg.autoencoder.kind == "hybrid-vq":
+        return tokenizer_parts(cfg, paths)[0].to(device).eval()
     if cfg.autoencoder.kind == "vae":
         from rae_core.vae import load_configured_parts
 
@@ -66,15 +99,30 @@ def load_encoder(cfg: Config, paths: Paths, device: torch.device | str = "cpu") 
 
 
 def load_stats(cfg: Config, paths: Paths, encoder: nn.Module):
-    """The latent normalisation: per-element statistics (rae) or one scale (vae)."""
+    """The latent normalisation: per-element statistics (rae), one scale (vae), none
+    (hybrid-vq: its quantiser reads the latent as it is)."""
     from rae_core.encoders import LatentScale, LatentStats
 
+    if cfg.autoencoder.kind == "hybrid-vq":
+        return LatentScale(1.0)
     if cfg.autoencoder.kind == "vae" and cfg.autoencoder.scale is not None:
         return LatentScale(cfg.autoencoder.scale)
     stats = LatentStats.load(paths.stats_file, expected_identity=stats_identity(cfg, encoder))
     if cfg.autoencoder.kind == "vae":
         return LatentScale(1.0 / stats.global_std())
     return stats
+
+
+def residual_scale(cfg: Config, paths: Paths, encoder: nn.Module) -> float:
+    """What HART's residual head divides its target by: generator.residual_scale, or 3 x the
+    RMS of the residual f - f_hat over the training images (the `stats` of hybrid-vq), so that
+    almost all of it lies in [-1, 1]."""
+    from rae_core.encoders import LatentStats
+
+    if cfg.generator.residual_scale is not None:
+        return cfg.generator.residual_scale
+    stats = LatentStats.load(paths.stats_file, expected_identity=stats_identity(cfg, encoder))
+    return 3.0 * float((stats.var + stats.mean ** 2).mean().sqrt())
 
 
 def stats_identity(cfg: Config, encoder: nn.Module) -> dict:
@@ -87,7 +135,10 @@ def stats_identity(cfg: Config, encoder: nn.Module) -> dict:
 
 def build_decoder_for(cfg: Config, paths: Paths, encoder: nn.Module) -> nn.Module:
     """The decoder `train-decoder` trains: a fresh ViT decoder (rae), or the VAE's own decoder
-    with its pretrained weights (vae: the fine-tune starts from them)."""
+    with its pretrained weights (vae: the fine-tune starts from them; hybrid-vq: HART's phase 2
+    starts from them)."""
+    if cfg.autoencoder.kind == "hybrid-vq":
+        return tokenizer_parts(cfg, paths)[1]
     if cfg.autoencoder.kind == "vae":
         from rae_core.vae import load_configured_parts
 
@@ -120,6 +171,10 @@ def autoencoder_macs(cfg: Config) -> tuple[float, float]:
     from rae_core.encoders import build_encoder
 
     r = cfg.data.resolution
+    if cfg.autoencoder.kind == "hybrid-vq":
+        from rae_core.hybrid_vq import config_macs
+
+        return config_macs(tokenizer_config(cfg))
     if cfg.autoencoder.kind == "vae":
         from rae_core.vae import vae_macs
 

@@ -64,15 +64,25 @@ class EncoderConfig:
 @dataclass
 class AutoencoderConfig:
     """The family of the latent space: `rae` (frozen representation encoder + ViT decoder, the
-    paper) or `vae` (a diffusers AutoencoderKL, DiT's recipe). For `vae`, encoder.name names a
-    registered AutoencoderKL config and encoder.weights a local diffusers folder or checkpoint."""
+    paper), `vae` (a diffusers AutoencoderKL, DiT's recipe) or `hybrid-vq` (HART's multi-scale
+    VQ tokenizer whose latent keeps the continuous residual). For `vae` and `hybrid-vq`,
+    encoder.name names a registered config (rae_core.vae, rae_core.hybrid_vq) and
+    encoder.weights a local weights file or folder; without one, pretrain-encoder trains it."""
 
-    kind: Literal["rae", "vae"] = "rae"
+    kind: Literal["rae", "vae", "hybrid-vq"] = "rae"
     config: str | None = None  # vae: local diffusers config folder for a single-file checkpoint
     # vae: latents are multiplied by this; None = 1/std measured by `stats` (SD-VAE: 0.18215)
     scale: float | None = _f(None, 0.0, lo_open=True)
     kl_weight: float = _f(1e-6, 0.0)  # vae pretraining: weight of the KL term beside L1
     finetune_decoder: bool = False  # vae: train-decoder fine-tunes the decoder (SD's ft-EMA)
+    # hybrid-vq: the registered tokenizer's vocabulary, latent channels and token-map sides
+    # (the last = the latent's side), replaced where set
+    vocab: int | None = _f(None, 2)
+    channels: int | None = _f(None, 1)
+    scales: list[int] | None = None
+    # hybrid-vq, train-decoder (HART's phase 2): the share of samples decoded from the hybrid
+    # latent (discrete + residual) instead of the discrete one
+    hybrid_prob: float = _f(0.5, 0.0, 1.0)
 
 
 @dataclass
@@ -123,10 +133,11 @@ class DecoderConfig:
 
 @dataclass
 class GeneratorConfig:
-    """The generator and its objective: `flow` (flow matching, RAE's DiT / DiT-DH) or `ddpm`
-    (IDDPM Gaussian diffusion with learned variance, DiT's recipe)."""
+    """The generator and its objective: `flow` (flow matching, RAE's DiT / DiT-DH), `ddpm`
+    (IDDPM Gaussian diffusion with learned variance, DiT's recipe) or `hart` (a scale-wise
+    autoregressive VAR / HART over a hybrid-vq tokenizer's tokens)."""
 
-    kind: Literal["flow", "ddpm"] = "flow"
+    kind: Literal["flow", "ddpm", "hart"] = "flow"
     model: str = "DiTDH-tiny"
     hidden: int | None = _f(None, 1)  # overrides of the registered config (ablations)
     depth: int | None = _f(None, 1)
@@ -151,6 +162,13 @@ class GeneratorConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     latents: Literal["shards", "online"] = "shards"
+    # hart: loss = token cross-entropy + residual_weight x the residual head's diffusion loss,
+    # each a per-token mean; the head learns residual / residual_scale (None = 3 x the
+    # residual's RMS, measured by `stats`, so it lies in the [-1, 1] its sampler clips to);
+    # MAR's masking trains the head on a random 50-100 % of the last-scale positions
+    residual_weight: float = _f(1.0, 0.0)
+    residual_scale: float | None = _f(None, 0.0, lo_open=True)
+    mask_ratio: list[float] = field(default_factory=lambda: [0.5, 1.0])
     sample_every: int = _f(400, 1)
     ckpt_every: int = _f(200, 1)
 
@@ -165,14 +183,21 @@ class GeneratorConfig:
 @dataclass
 class SampleConfig:
     num_per_class: int = _f(50, 1)
-    sampler: Literal["euler", "heun", "ddpm", "ddim"] = "euler"  # flow: euler/heun; ddpm: ddpm/ddim
-    steps: int = _f(50, 2)  # ODE steps (flow) or respaced diffusion steps (ddpm)
+    # flow: euler/heun; ddpm: ddpm/ddim; hart: scalewise (next-scale tokens, then the head)
+    sampler: Literal["euler", "heun", "ddpm", "ddim", "scalewise"] = "euler"
+    # ODE steps (flow), respaced diffusion steps (ddpm), the residual head's steps (hart)
+    steps: int = _f(50, 2)
     guidance: Literal["none", "cfg", "autoguidance"] = "cfg"
     scale: float = _f(5.0, 0.0)
     interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     weak_model: str | None = None  # AutoGuidance: a checkpoint file of a weaker/earlier model
     # CFG on every latent channel, or only on the first 3 of 4 as DiT's reference code does
     cfg_channels: Literal["all", "first3"] = "all"
+    # hart: top-k / top-p filtering of the token logits (0 / 1.0: off), and the residual head
+    # on (HART) or off (discrete tokens only, VAR's output)
+    top_k: int = _f(0, 0)
+    top_p: float = _f(1.0, 0.0, 1.0, lo_open=True)
+    residual: bool = True
     batch_size: int = _f(250, 1)
     shard_size: int = _f(250, 1)
     seed: int = _f(0, 0)
@@ -356,7 +381,7 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
-SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddpm", "ddim")}
+SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddpm", "ddim"), "hart": ("scalewise",)}
 
 
 def _check_consistency(cfg: Config) -> None:
@@ -376,9 +401,17 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"sample.sampler: {cfg.sample.sampler!r} is not valid with "
                           f"generator.kind={cfg.generator.kind}; expected one of "
                           f"{', '.join(samplers)}")
-    if cfg.generator.kind == "ddpm" and cfg.sample.guidance == "autoguidance":
-        raise ConfigError("sample.guidance: 'autoguidance' is not valid with generator.kind=ddpm; "
-                          "expected 'none' or 'cfg'")
+    if cfg.generator.kind in ("ddpm", "hart") and cfg.sample.guidance == "autoguidance":
+        raise ConfigError(f"sample.guidance: 'autoguidance' is not valid with generator.kind="
+                          f"{cfg.generator.kind}; expected 'none' or 'cfg'")
+    if (cfg.generator.kind == "hart") != (cfg.autoencoder.kind == "hybrid-vq"):
+        raise ConfigError(f"generator.kind: {cfg.generator.kind!r} is not valid with "
+                          f"autoencoder.kind={cfg.autoencoder.kind}; 'hart' generates the tokens "
+                          "of a 'hybrid-vq' tokenizer, and only it")
+    lo, hi = cfg.generator.mask_ratio if len(cfg.generator.mask_ratio) == 2 else (None, None)
+    if lo is None or not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"generator.mask_ratio: {cfg.generator.mask_ratio!r} is not valid; "
+                          "expected [lo, hi] with 0 < lo <= hi <= 1")
     if cfg.sample.guidance == "autoguidance" and not cfg.sample.weak_model:
         raise ConfigError("sample.weak_model: null is not valid with sample.guidance=autoguidance; "
                           "give a checkpoint file of the weaker model")

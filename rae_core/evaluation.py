@@ -12,6 +12,7 @@ and their 2048-d Inception features ~21 GB in float64.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,16 +132,22 @@ def reference(cfg: Config, paths: Paths, extractor) -> Reference:
     return ref
 
 
-def reconstructor(cfg: Config, paths: Paths, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Images -> their reconstructions through the frozen encoder and trained decoder."""
+def reconstructor(cfg: Config, paths: Paths, batch: int, discrete: bool = False,
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Images -> their reconstructions through the frozen encoder and trained decoder; with
+    `discrete`, a hybrid-vq tokenizer's from its discrete tokens alone."""
     from rae_core.autoencoder import load_decoder, load_encoder
 
     encoder = load_encoder(cfg, paths)
     decoder = load_decoder(cfg, paths, encoder)
 
+    def latent(images: torch.Tensor) -> torch.Tensor:
+        z = encoder.encode(images)
+        return decoder.discrete(z) if discrete else z
+
     @torch.no_grad()
     def reconstruct(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([decoder(encoder.encode(images[i: i + batch])).clamp(0, 1)
+        return torch.cat([decoder(latent(images[i: i + batch])).clamp(0, 1)
                           for i in range(0, len(images), batch)])
 
     return reconstruct
@@ -248,6 +255,14 @@ def run(cfg: Config, paths: Paths) -> dict:
     del images  # 9.8 GB at ImageNet scale, not needed for the decoder's metrics
     m |= reconstruction_metrics(paths.dataset(cfg.data.root), cfg.data.resolution, extractor,
                                 reconstructor(cfg, paths, cfg.evaluate.batch_size), clf)
+    if cfg.autoencoder.kind == "hybrid-vq":  # HART's tokenizer ablation: tokens alone
+        tokens_only = reconstruction_metrics(
+            paths.dataset(cfg.data.root), cfg.data.resolution, extractor,
+            reconstructor(cfg, paths, cfg.evaluate.batch_size, discrete=True), None)
+        m |= {f"{k}_discrete": v for k, v in tokens_only.items()}
+    speed = paths.samples_dir / "throughput.json"
+    if speed.exists():  # beside FID on the leaderboard: the sample stage's images/s
+        m["images_per_s"] = json.loads(speed.read_text())["images_per_s"]
     curve = fid_curve(cfg, paths, extractor, ref.stats)
     if curve:
         write_json(paths.evaluate_dir / "fid_curve.json", curve)

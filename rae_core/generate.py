@@ -2,13 +2,16 @@
 
 The requested images are cut into fixed shards, each with its own seed, so the same
 configuration yields the same images whatever the number of Ray workers; finished shards are
-kept, so a killed run resumes at the first missing one.
+kept, so a killed run resumes at the first missing one. Each shard records the seconds its
+sampling and decoding took (not the loading), so the stage reports the throughput of one
+sampling worker, images/s, comparable between families run on the same device.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +42,17 @@ def _shard(cfg_dict: dict, root: str, index: int, labels: list[int], path: str) 
     y = torch.tensor(labels, dtype=torch.long)
     noise = torch.randn((len(y), *shape), generator=g)  # the shard's noise, whatever the batch
     images = []
+    t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(y), s.batch_size):
             sl = slice(i, i + s.batch_size)
             z = sample_latents(cfg, model, y[sl], shape, noise[sl], weak_model=weak, generator=g)
             images.append(to_uint8(decoder(stats.denormalize(z))))
     arr = np.concatenate(images)
+    seconds = time.perf_counter() - t0
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.npz")
-    np.savez(tmp, images=arr, labels=np.asarray(labels))
+    np.savez(tmp, images=arr, labels=np.asarray(labels), seconds=seconds,
+             device=device_name(next(model.parameters()).device))
     tmp.replace(path)
     return path
 
@@ -84,8 +90,21 @@ def run(cfg: Config, paths: Paths) -> dict:
     pick = np.concatenate([np.flatnonzero(ys == c)[:per_class]
                            for c in range(min(cfg.data.num_classes, 20))])
     save_png(grid(images[pick], nrow=per_class), out / "grid.png", upscale=2)
+    seconds = float(sum(float(p["seconds"]) for p in parts))
+    speed = {"images_per_s": len(images) / seconds, "sampling_s": seconds,
+             "device": ", ".join(sorted({str(p["device"]) for p in parts}))}
+    write_json(out / "throughput.json", speed)
     return {"images": int(len(images)), "shards": len(shards),
-            "reused_shards": len(shards) - len(todo)}
+            "reused_shards": len(shards) - len(todo), **speed}
+
+
+def device_name(device: torch.device) -> str:
+    """What a shard ran on: the GPU's name, or the CPU's with its thread count."""
+    import platform
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} cpu x{torch.get_num_threads()}"
 
 
 def _write_pngs(images: np.ndarray, labels: np.ndarray, folder: Path) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rae_core.diffusion import GaussianDiffusion
-from rae_core.models.residual_head import residual_loss, sample_residual
+from rae_core.models.residual_head import residual_diffusion, residual_loss, sample_residual
 from rae_core.models.var import VAR
 from rae_core.quantize import MultiScaleQuantizer
 
@@ -48,29 +48,39 @@ class HARTLoss:
     accuracy: torch.Tensor  # next-token accuracy, for the curves
 
 
+def token_loss(var: VAR, quantizer: MultiScaleQuantizer, f: torch.Tensor, labels: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """VAR's objective on latents f (B, C, H, W) of a frozen tokenizer: the transformer
+    teacher-forced on the true tokens of every scale. Returns the cross-entropy, the next-token
+    accuracy, the hidden states (B, L, D) and the true tokens of each scale."""
+    with torch.no_grad(), torch.autocast(f.device.type, enabled=False):  # exact codes in fp32
+        indices = quantizer.f_to_indices(f.float())
+        inputs = quantizer.teacher_inputs(indices)
+    logits, hidden = var(labels, inputs)  # (B, L, V), (B, L, D)
+    target = torch.cat(indices, dim=1)  # (B, L)
+    tokens = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+    accuracy = (logits.argmax(-1) == target).float().mean()
+    return tokens, accuracy, hidden, indices
+
+
 def hart_loss(model: HART, quantizer: MultiScaleQuantizer, f: torch.Tensor,
               labels: torch.Tensor, diffusion: GaussianDiffusion, residual_weight: float = 1.0,
               residual_scale: float = 1.0, mask_ratio: tuple[float, float] = (0.5, 1.0),
               generator: torch.Generator | None = None) -> HARTLoss:
     """HART's training objective on latents f (B, C, H, W) of a frozen tokenizer.
 
-    The transformer is teacher-forced on the true tokens of every scale (cross-entropy). The
-    head learns the continuous residual f - (sum of the scales) at the last scale, divided by
-    `residual_scale` so that it lies in the [-1, 1] its clipped sampler assumes (HART: 0.6),
-    on a random 50-100 % of the positions per image (MAR's masking; here it thins the head's
-    targets, the transformer still sees every token). HART's code does not say how the two
-    losses are added: `residual_weight` (default 1) adds them as two per-token means, so
-    neither dominates by its token count; the head's gradient also reaches the transformer
-    through its condition, as MAR's does."""
-    with torch.no_grad():
-        indices = quantizer.f_to_indices(f)
-        inputs = quantizer.teacher_inputs(indices)
-        residual = quantizer.residual(f).flatten(2).transpose(1, 2) / residual_scale  # (B, n, C)
-    logits, hidden = model.var(labels, inputs)  # (B, L, V), (B, L, D)
-    target = torch.cat(indices, dim=1)  # (B, L)
-    tokens = F.cross_entropy(logits.flatten(0, 1), target.flatten())
-    accuracy = (logits.argmax(-1) == target).float().mean()
-    B, n, C = residual.shape
+    The transformer learns the tokens of every scale (`token_loss`). The head learns the
+    continuous residual f - (sum of the scales) at the last scale, divided by `residual_scale`
+    so that it lies in the [-1, 1] its clipped sampler assumes (HART: 0.6), on a random 50-100 %
+    of the positions per image (MAR's masking; here it thins the head's targets, the transformer
+    still sees every token). HART's code does not say how the two losses are added:
+    `residual_weight` (default 1) adds them as two per-token means, so neither dominates by its
+    token count; the head's gradient also reaches the transformer through its condition, as
+    MAR's does."""
+    tokens, accuracy, hidden, indices = token_loss(model.var, quantizer, f, labels)
+    with torch.no_grad(), torch.autocast(f.device.type, enabled=False):
+        residual = quantizer.residual(f.float()).flatten(2).transpose(1, 2) / residual_scale
+    B, n, C = residual.shape  # (B, n, C): the last scale's n positions
     z = model.head_condition(quantizer, hidden[:, -n:], indices[-1])  # (B, n, D)
     lo, hi = mask_ratio
     draw_on = generator.device if generator is not None else f.device
@@ -175,3 +185,40 @@ def generate(model: HART | VAR, quantizer: MultiScaleQuantizer, labels: torch.Te
     r = sample_residual(model.residual_head, z.flatten(0, 1), residual_steps,
                         generator=generator)  # (B*k*k, C)
     return tokens.f_hat + residual_scale * r.view(B, k * k, C).transpose(1, 2).reshape(B, C, k, k)
+
+
+class ScalewiseGenerator(nn.Module):
+    """What train-generator trains and `sample` loads for generator.kind = hart: a VAR or a
+    HART over the tokens of a frozen multi-scale quantiser. It keeps the quantiser (codebook and
+    phi convolutions) and the residual scale, so a checkpoint samples on its own; forward is the
+    training loss, a dict of tensors (DDP-friendly)."""
+
+    def __init__(self, model: HART | VAR, quantizer: MultiScaleQuantizer,
+                 residual_scale: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.quantizer = quantizer.requires_grad_(False)
+        self.register_buffer("residual_scale", torch.tensor(float(residual_scale)))
+        self.diffusion = residual_diffusion()
+
+    @property
+    def has_head(self) -> bool:
+        return isinstance(self.model, HART)
+
+    def forward(self, f: torch.Tensor, labels: torch.Tensor, residual_weight: float = 1.0,
+                mask_ratio: tuple[float, float] = (0.5, 1.0)) -> dict[str, torch.Tensor]:
+        if not self.has_head:
+            tokens, accuracy, _, _ = token_loss(self.model, self.quantizer, f, labels)
+            return {"total": tokens, "tokens": tokens, "accuracy": accuracy}
+        out = hart_loss(self.model, self.quantizer, f, labels, self.diffusion, residual_weight,
+                        float(self.residual_scale), tuple(mask_ratio))
+        return {"total": out.total, "tokens": out.tokens, "residual": out.residual,
+                "accuracy": out.accuracy}
+
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor, cfg_scale: float, top_k: int = 0,
+                 top_p: float = 1.0, residual: bool = True, residual_steps: int = 8,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents (B, C, H, W) for `labels`, as rae_core.hart.generate samples them."""
+        return generate(self.model, self.quantizer, labels, cfg_scale, top_k, top_p, residual,
+                        residual_steps, float(self.residual_scale), generator=generator)

@@ -21,15 +21,19 @@ Module names follow VAR's basic_vae.py (down.i.block.j, mid.attn_1, ...).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rae_core.errors import ConfigError
+from rae_core.encoders import Encoder as FrozenEncoder
+from rae_core.encoders import file_fingerprint
+from rae_core.errors import ConfigError, DataError, WeightsMissingError
 from rae_core.quantize import MultiScaleQuantizer, QuantOutput
 
 log = logging.getLogger(__name__)
@@ -65,14 +69,16 @@ TOKENIZERS: dict[str, TokenizerConfig] = {
 }
 
 
-def tokenizer_config(name: str) -> TokenizerConfig:
-    """The registered tokenizer config `name`; an unknown name suggests the closest one."""
+def tokenizer_config(name: str, **overrides) -> TokenizerConfig:
+    """The registered tokenizer config `name` with `overrides` (vocab, z_channels, scales,
+    resolution) where not None; an unknown name suggests the closest one."""
     if name not in TOKENIZERS:
         close = difflib.get_close_matches(name, TOKENIZERS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"tokenizer {name!r} is not registered{hint}; valid: "
                           f"{', '.join(TOKENIZERS)}")
-    return TOKENIZERS[name]
+    given = {k: tuple(v) if k == "scales" else v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(TOKENIZERS[name], **given)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -303,17 +309,122 @@ def tokenizer_param_counts(name: str) -> tuple[int, int, int, int]:
 
 
 def tokenizer_macs(name: str) -> tuple[int, int]:
+    """(encoder, decoder) multiply-accumulates per image of a registered tokenizer."""
+    return config_macs(tokenizer_config(name))
+
+
+def config_macs(cfg: TokenizerConfig) -> tuple[int, int]:
     """(encoder, decoder) multiply-accumulates per image at the config's resolution, counted by
     torch's FlopCounterMode on the meta device (FLOPs / 2): convolutions and attention; the
     quantiser's nearest-code search, norms, activations and resampling are not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = tokenizer_config(name)
     side = cfg.resolution // cfg.downsampling
     with torch.device("meta"):
-        tok = build_tokenizer(name)
+        tok = HybridTokenizer(cfg)
         with FlopCounterMode(display=False) as enc:
             tok.encode(torch.empty(1, 3, cfg.resolution, cfg.resolution))
         with FlopCounterMode(display=False) as dec:
             tok.decode(torch.empty(1, cfg.z_channels, side, side))
     return enc.get_total_flops() // 2, dec.get_total_flops() // 2
+
+
+class TokenizerEncoder(FrozenEncoder):
+    """The encoder half as the stages use it: [0, 1] images -> the continuous latent f
+    (B, C, R/f, R/f), unnormalised; its `quantizer` gives the tokens and the residual."""
+
+    def __init__(self, name: str, tokenizer: HybridTokenizer, weights_label: str = "random",
+                 weights_sha256: str | None = None) -> None:
+        cfg = tokenizer.config
+        side = cfg.resolution // cfg.downsampling
+        # the tokenizer sees [-1, 1]: mean and std 0.5
+        super().__init__(name, cfg.resolution, cfg.resolution, (cfg.z_channels, side, side),
+                         (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        self.config = cfg
+        self.encoder, self.quant_conv, self.quantizer = (tokenizer.encoder, tokenizer.quant_conv,
+                                                         tokenizer.quantizer)
+        self.weights_label, self.weights_sha256 = weights_label, weights_sha256
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(self.prepare(images)))
+
+    def identity(self) -> dict:
+        return {**super().identity(), "vocab": self.config.vocab,
+                "scales": list(self.config.scales)}
+
+
+class TokenizerDecoder(nn.Module):
+    """The decoder half: a latent (B, C, h, w) -> images (B, 3, R, R) in [0, 1]-space, not
+    clamped. In eval mode it decodes the latent it is given (discrete, or hybrid = f). In
+    training mode (HART's phase 2) it is given f and decodes, per sample, f itself with
+    probability hybrid_prob and the discrete f_hat otherwise, through its frozen copy of the
+    quantiser; the post-quant conv and the decoder train."""
+
+    def __init__(self, tokenizer: HybridTokenizer, hybrid_prob: float = 0.5) -> None:
+        super().__init__()
+        cfg = tokenizer.config
+        side = cfg.resolution // cfg.downsampling
+        self.latent_shape = (cfg.z_channels, side, side)
+        self.hybrid_prob = hybrid_prob
+        self.quantizer = tokenizer.quantizer.requires_grad_(False)
+        self.post_quant_conv, self.decoder = tokenizer.post_quant_conv, tokenizer.decoder
+
+    @property
+    def last_layer_weight(self) -> torch.Tensor:
+        """The output conv's weight: where the adaptive GAN weight is measured."""
+        return self.decoder.conv_out.weight
+
+    @torch.no_grad()
+    def discrete(self, f: torch.Tensor) -> torch.Tensor:
+        """f -> the sum of its discrete scales (what the tokens alone give)."""
+        return f - self.quantizer.residual(f)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.shape[1:] != self.latent_shape:
+            raise ValueError(f"decoder expects latents of shape {self.latent_shape}, "
+                             f"got {tuple(z.shape[1:])}")
+        if self.training:
+            hybrid = torch.rand(z.shape[0], device=z.device) < self.hybrid_prob  # (B,)
+            z = torch.where(hybrid.view(-1, 1, 1, 1), z, self.discrete(z))
+        return self.decoder(self.post_quant_conv(z)) * 0.5 + 0.5
+
+
+def save_tokenizer(tokenizer: HybridTokenizer, name: str, path: Path) -> None:
+    from rae_core.train.common import atomic_save
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"model": tokenizer.state_dict(), "name": name,
+                 "config": dataclasses.asdict(tokenizer.config)}, path)
+
+
+def load_tokenizer(name: str, config: TokenizerConfig, weights: str | Path,
+                   setting: str = "encoder.weights") -> HybridTokenizer:
+    """A tokenizer of `config` from a local file: a checkpoint pretrain-encoder wrote
+    ({'model', 'name', 'config'}) or a bare state dict in this module's layout."""
+    from rae_core.train.common import safe_load
+
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsMissingError(f"{setting}: {path} not found; run `rae stage pretrain-encoder`"
+                                  " or give a local tokenizer checkpoint")
+    state = safe_load(path)
+    tok = HybridTokenizer(config)
+    try:
+        tok.load_state_dict(state.get("model", state))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise DataError(f"{setting}: {path} does not hold {name} tokenizer weights of vocab "
+                        f"{config.vocab}, {config.z_channels} channels ({first})") from None
+    log.info("loaded tokenizer %s from %s", name, path)
+    return tok.eval()
+
+
+def tokenizer_parts(name: str, config: TokenizerConfig, weights: str | Path,
+                    hybrid_prob: float = 0.5) -> tuple[TokenizerEncoder, TokenizerDecoder]:
+    """(encoder, decoder) of one loaded tokenizer: the encoder frozen, the decoder trainable
+    (both in eval mode); the encoder's identity carries the weights' fingerprint."""
+    tok = load_tokenizer(name, config, weights)
+    encoder = TokenizerEncoder(name, tok, Path(weights).name, file_fingerprint(weights))
+    decoder = TokenizerDecoder(tok, hybrid_prob)
+    return encoder.requires_grad_(False).eval(), decoder.eval()

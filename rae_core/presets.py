@@ -129,6 +129,78 @@ def _imagenet_dit() -> dict:
     }
 
 
+# HART (dit-and-hart.md, C and D) on the embedded default's data: a multi-scale VQ tokenizer
+# pretrained here (phase 1), its decoder retrained on discrete or hybrid latents (phase 2),
+# HART = a VAR over the 30 tokens of 4 scales + a residual diffusion head sampled in 8 steps.
+def _hart_family(base: dict, tokenizer: str, pretrain: dict, decoder: dict, model: str,
+                 generator: dict, sample: dict) -> dict:
+    return merge(base, {
+        "autoencoder": {"kind": "hybrid-vq", "hybrid_prob": 0.5},
+        "encoder": {"name": tokenizer, "pretrain": pretrain},
+        "decoder": decoder,
+        "generator": {"kind": "hart", "model": model, **generator},
+        "sample": {"sampler": "scalewise", "steps": 8, **sample},
+    })
+
+
+SMOKE_HART = _hart_family(
+    {**SMOKE, "preset": "smoke-hart"}, "vq-micro",
+    {"steps": 40, "batch_size": 32, "lr": 3e-3, "warmup_steps": 3, "weight_decay": 0.0,
+     "ckpt_every": 10},
+    {"lr": 1e-3}, "HART-micro", {"lr": 1e-3}, {"scale": 1.0})
+TINY_HART = _hart_family(
+    {**TINY, "preset": "tiny-hart"}, "vq-tiny",
+    {"steps": 300, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20, "weight_decay": 0.0,
+     "ckpt_every": 100},
+    {"steps": 200, "lr": 5e-4, "min_lr": 5e-5, "warmup_steps": 10, "eval_every": 100,
+     "ckpt_every": 100, "gan": {"disc_start_step": 100, "gen_start_step": 120}},
+    "HART-tiny", {"steps": 800, "lr": 1e-3, "min_lr": 1e-4}, {"scale": 1.0})
+
+
+def _imagenet_hart() -> dict:
+    """HART-d20 at 256 px: VAR's tokenizer (var-vq, 680 tokens in 10 scales) as a local
+    checkpoint, its decoder retrained on hybrid latents (HART's phase 2), the transformer and
+    head trained on ImageNet, FID-50K with VAR's sampling settings. Values marked `choice` are
+    not given by the VAR or HART papers (nor by the notes this platform follows)."""
+    batch = 768  # choice: VAR's batch for d16-d20 as we read its code; HART gives none
+    return {
+        "preset": "imagenet256-hart",
+        "data": {"dataset": "folder", "source": "data/imagenet", "root": "data/imagenet",
+                 "resolution": 256, "num_classes": 1000, "hflip": True},
+        "autoencoder": {"kind": "hybrid-vq", "hybrid_prob": 0.5},  # HART: about half each
+        # VAR's tokenizer weights in this module's layout (choice: HART fine-tunes VAR's)
+        "encoder": {"name": "var-vq", "weights": "models/var-vq-256.pt"},
+        "stats": {"batch_size": 256, "shards": 8},
+        "extract": {"enabled": True, "dtype": "float32", "shard_size": 8192},
+        # HART's phase 2: only the decoder trains; steps, lr and the GAN schedule are choices
+        # (HART reports 24K steps of its second decoder's ablation)
+        "decoder": {"steps": 24_000, "batch_size": 256, "lr": 1e-4, "min_lr": 1e-5,
+                    "warmup_steps": 1000, "ema": 0.999, "lpips_weight": 1.0,
+                    "gan": {"disc": "dino", "weight": 0.75, "disc_start_step": 0,
+                            "gen_start_step": 2000},
+                    "eval_every": 2000, "ckpt_every": 2000},
+        "generator": {"kind": "hart", "model": "HART-d20",
+                      # choice: VAR-d20's 250 epochs, AdamW (0.9, 0.95), wd 0.05, lr 8e-5 x
+                      # batch / 256, label dropout 0.1 (VAR's recipe as we read it)
+                      "steps": _epochs(250, batch), "batch_size": batch, "lr": 8e-5 * batch / 256,
+                      "min_lr": 8e-6, "warmup_steps": _epochs(3, batch),
+                      "decay_start_step": _epochs(3, batch), "betas": [0.9, 0.95],
+                      "weight_decay": 0.05, "ema": 0.9999, "grad_clip": 2.0,
+                      "label_dropout": 0.1, "precision": "bf16", "compile": True,
+                      # choice: the two losses added as per-token means (HART does not say)
+                      "residual_weight": 1.0, "residual_scale": None, "mask_ratio": [0.5, 1.0],
+                      "latents": "shards", "sample_every": 25_000, "ckpt_every": 5000},
+        # VAR / HART FID settings: CFG 1.5 ramped over the scales, top-k 900, top-p 0.96; the
+        # head's 8 steps
+        "sample": {"num_per_class": 50, "sampler": "scalewise", "steps": 8, "guidance": "cfg",
+                   "scale": 1.5, "top_k": 900, "top_p": 0.96, "residual": True,
+                   "batch_size": 125, "shard_size": 1000},
+        "evaluate": {"extractor": "inception", "curve_per_class": 0},
+        "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8,
+                "scale_up_timeout_s": 2400},
+    }
+
+
 PRESETS: dict[str, dict] = {
     "smoke": SMOKE,
     "tiny": TINY,
@@ -137,6 +209,9 @@ PRESETS: dict[str, dict] = {
     "smoke-vae": SMOKE_VAE,
     "tiny-vae": TINY_VAE,
     "imagenet256-dit": _imagenet_dit(),
+    "smoke-hart": SMOKE_HART,
+    "tiny-hart": TINY_HART,
+    "imagenet256-hart": _imagenet_hart(),
 }
 
 

@@ -48,16 +48,19 @@ def prepare(cfg: Config, paths: Paths) -> dict:
 
 
 def pretrain_encoder(cfg: Config, paths: Paths) -> dict:
-    """MAE pretraining of a small representation encoder (rae), or the KL autoencoder (vae)."""
-    if cfg.autoencoder.kind == "vae":
-        from rae_core.train import pretrain_vae as stage
+    """MAE pretraining of a small representation encoder (rae), or the whole autoencoder: KL
+    (vae) or multi-scale VQ (hybrid-vq)."""
+    if cfg.autoencoder.kind in ("vae", "hybrid-vq"):
+        from rae_core.train import pretrain_autoencoder as stage
     else:
         from rae_core.train import pretrain_encoder as stage
     return stage.run(cfg, paths)
 
 
-def _encode_range(cfg_dict: dict, root: str, start: int, end: int, both_flips: bool):
-    """Raw latents of training images [start, end): (n, 2, C, H, W) or (n, C, H, W), labels."""
+def _encode_range(cfg_dict: dict, root: str, start: int, end: int, both_flips: bool,
+                  residual: bool = False):
+    """Raw latents of training images [start, end): (n, 2, C, H, W) or (n, C, H, W), labels;
+    with `residual`, what a hybrid-vq tokenizer's discrete scales miss of them instead."""
     from rae_core.autoencoder import load_encoder
     from rae_core.config import from_dict
     from rae_core.data.folder import ImageFolderDataset
@@ -71,6 +74,8 @@ def _encode_range(cfg_dict: dict, root: str, start: int, end: int, both_flips: b
         items = [ds[j] for j in range(i, min(i + bs, end))]
         x = torch.stack([im for im, _ in items])
         z = encoder.encode(x)
+        if residual:
+            z = encoder.quantizer.residual(z)
         zs.append(torch.stack([z, encoder.encode(x.flip(-1))], 1) if both_flips else z)
         ys += [lab for _, lab in items]
     return torch.cat(zs), torch.tensor(ys, dtype=torch.long)
@@ -80,8 +85,12 @@ def _stats_shard(cfg_dict: dict, root: str, start: int, end: int) -> dict:
     from rae_core.config import from_dict
     from rae_core.encoders import LatentStats
 
-    hflip = from_dict(cfg_dict).data.hflip
-    z, _ = _encode_range(cfg_dict, root, start, end, both_flips=hflip)
+    cfg = from_dict(cfg_dict)
+    hflip = cfg.data.hflip
+    # hybrid-vq: the generator reads f as it is; HART's head learns the residual, whose scale
+    # is what the statistics are for
+    z, _ = _encode_range(cfg_dict, root, start, end, both_flips=hflip,
+                         residual=cfg.autoencoder.kind == "hybrid-vq")
     st = LatentStats(tuple(z.shape[-3:]))
     st.update(z.flatten(0, 1) if hflip else z)
     return st.state_dict()
@@ -95,8 +104,9 @@ def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
 def stats(cfg: Config, paths: Paths) -> dict:
     """Exact per-element mean/var of the latents of all training images (and their mirror
     images where data.hflip augments the training data). A VAE's latents are normalised by
-    one scale, 1 / the pooled std derived from the same statistics (unless given)."""
-    from rae_core.autoencoder import load_encoder, stats_identity
+    one scale, 1 / the pooled std derived from the same statistics (unless given); a hybrid-vq
+    tokenizer's statistics are those of its residual, which set HART's residual scale."""
+    from rae_core.autoencoder import load_encoder, residual_scale, stats_identity
     from rae_core.data.folder import scan_split
     from rae_core.encoders import LatentStats
     from rae_core.train.runner import map_shards
@@ -114,6 +124,9 @@ def stats(cfg: Config, paths: Paths) -> dict:
            "mean_var": float(var.mean()), "min_var": float(var.min())}
     if cfg.autoencoder.kind == "vae":
         out["latent_scale"] = cfg.autoencoder.scale or 1.0 / total.global_std()
+    if cfg.autoencoder.kind == "hybrid-vq":
+        out["residual_rms"] = float((var + total.mean ** 2).mean().sqrt())
+        out["residual_scale"] = residual_scale(cfg, paths, encoder)
     return out
 
 

@@ -27,7 +27,19 @@ def check_registries(cfg: Config) -> None:
     from rae_core.encoders import ENCODERS
     from rae_core.models import MODELS, check_width, get_config
 
-    if cfg.autoencoder.kind == "vae":
+    if cfg.autoencoder.kind == "hybrid-vq":
+        import torch
+
+        from rae_core.autoencoder import tokenizer_config
+        from rae_core.hybrid_vq import TOKENIZERS, HybridTokenizer
+
+        _known("encoder.name", cfg.encoder.name, list(TOKENIZERS))
+        try:
+            with torch.device("meta"):
+                HybridTokenizer(tokenizer_config(cfg))  # scales that fit the latent
+        except ValueError as e:
+            raise ConfigError(f"autoencoder.scales: {e}") from None
+    elif cfg.autoencoder.kind == "vae":
         from rae_core.vae import VAE_CONFIGS
 
         _known("encoder.name", cfg.encoder.name, list(VAE_CONFIGS))
@@ -35,6 +47,11 @@ def check_registries(cfg: Config) -> None:
         _known("encoder.name", cfg.encoder.name, list(ENCODERS))
         _known("decoder.model", cfg.decoder.model, list(DECODERS))
     g = cfg.generator
+    if g.kind == "hart":
+        from rae_core.models.registry import AR_MODELS
+
+        _known("generator.model", g.model, list(AR_MODELS))
+        return
     _known("generator.model", g.model, list(MODELS))
     families = GENERATOR_FAMILIES[g.kind]
     if get_config(g.model).family not in families:

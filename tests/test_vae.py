@@ -197,7 +197,7 @@ def test_missing_or_mismatched_weights_name_the_setting(tmp_path, offline):
 
 def test_pretraining_learns_to_reconstruct_and_resumes(tmp_path, digits_root, offline):
     from rae_core.data.folder import load_split
-    from rae_core.train import pretrain_vae
+    from rae_core.train import pretrain_autoencoder
     from rae_core.train.decoder import evaluate_reconstruction
 
     cfg = load_config(None, "smoke", [
@@ -211,7 +211,7 @@ def test_pretraining_learns_to_reconstruct_and_resumes(tmp_path, digits_root, of
     val = load_split(digits_root, "val", 32)[0]
     before = evaluate_reconstruction(*vae_parts("vae-micro", build_vae("vae-micro"), 32), val)
 
-    summary = pretrain_vae.train_loop(loop)
+    summary = pretrain_autoencoder.train_loop(loop)
     assert summary["val_l1"] < 0.5 * before["val_l1"], (before, summary)
     assert summary["val_psnr"] > before["val_psnr"] + 5
     logged = [json.loads(line) for line in
@@ -224,7 +224,7 @@ def test_pretraining_learns_to_reconstruct_and_resumes(tmp_path, digits_root, of
     encoder, decoder = load_configured_parts(cfg, paths)
     assert evaluate_reconstruction(encoder, decoder, val)["val_psnr"] == pytest.approx(
         summary["val_psnr"], abs=1e-4)
-    again = pretrain_vae.train_loop(loop)  # resumes at the last checkpoint: nothing to do
+    again = pretrain_autoencoder.train_loop(loop)  # resumes at the last checkpoint: nothing to do
     assert again["resumed_at"] == 20 and again["val_psnr"] == pytest.approx(summary["val_psnr"])
 
     # train-decoder: without fine-tuning it keeps the VAE's own decoder as it is ...
@@ -252,7 +252,7 @@ def test_pretraining_learns_to_reconstruct_and_resumes(tmp_path, digits_root, of
 
 
 def test_the_pretrained_vae_is_keyed_by_the_decoder_losses_it_uses_and_nothing_else_there():
-    from rae_core.train.pretrain_vae import fingerprint
+    from rae_core.train.pretrain_autoencoder import fingerprint
 
     base = ["autoencoder.kind=vae", "encoder.name=vae-micro"]
     fp = fingerprint(load_config(None, "smoke", base))

@@ -1,5 +1,6 @@
 """The train-decoder stage: the RAE decoder on noise-augmented latents of the frozen encoder,
-with L1 + LPIPS + an adaptively weighted GAN loss.
+with L1 + LPIPS + an adaptively weighted GAN loss. The same loop fine-tunes a VAE's decoder and
+trains a hybrid-vq tokenizer's decoder on its discrete or hybrid latent (HART's phase 2).
 
 The discriminator starts learning at gan.disc_start_step and the generator's GAN term joins at
 gan.gen_start_step; its weight lambda = ||grad L_rec|| / ||grad L_gan|| on the decoder's last
@@ -45,7 +46,12 @@ def evaluate_reconstruction(encoder, decoder, images: torch.Tensor, batch: int =
     decoder.eval()
     recs = torch.cat([decoder(encoder.encode(images[i: i + batch])).clamp(0, 1)
                       for i in range(0, len(images), batch)])
-    return {"val_psnr": float(psnr(recs, images)), "val_l1": float((recs - images).abs().mean())}
+    out = {"val_psnr": float(psnr(recs, images)), "val_l1": float((recs - images).abs().mean())}
+    if hasattr(decoder, "discrete"):  # a hybrid tokenizer: also from its discrete tokens alone
+        recs = torch.cat([decoder(decoder.discrete(encoder.encode(images[i: i + batch])))
+                          .clamp(0, 1) for i in range(0, len(images), batch)])
+        out["val_psnr_discrete"] = float(psnr(recs, images))
+    return out
 
 
 def validation_images(cfg: Config, paths: Paths, count: int = 512) -> torch.Tensor:

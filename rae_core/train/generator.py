@@ -1,5 +1,6 @@
 """The train-generator stage: the configured generator (rae_core.generator) on normalised
-latents: DiT / DiT-DH by flow matching, or DiT/2 by IDDPM diffusion.
+latents: DiT / DiT-DH by flow matching, DiT/2 by IDDPM diffusion, or VAR / HART on a hybrid-vq
+tokenizer's tokens.
 
 Runs in Ray Train workers (data parallel). The global batch is split across workers and
 gradient-accumulation micro-batches; gradients are zeroed once per optimiser step, so an
@@ -66,7 +67,13 @@ def accumulate_gradients(net: torch.nn.Module, objective, batch: tuple[torch.Ten
 
 def train_loop(config: dict) -> dict:
     """One Ray Train worker's loop; rank 0 checkpoints, logs and writes the EMA model."""
-    from rae_core.generator import build_generator, latent_shift, objective
+    from rae_core.generator import (
+        build_generator,
+        checkpoint_meta,
+        latent_shift,
+        objective,
+        token_space,
+    )
     from rae_core.train.runner import worker_setup
 
     cfg, paths, run_dir = from_dict(config["cfg"]), Paths.at(config["root"]), Path(config["run_dir"])
@@ -77,7 +84,8 @@ def train_loop(config: dict) -> dict:
     stats = load_stats(cfg, paths, encoder)
     source = make_source(cfg, paths, encoder, stats, device)
     latent_shape = tuple(encoder.latent_shape)
-    model = build_generator(cfg, latent_shape).to(device)
+    model = build_generator(cfg, latent_shape, token_space(cfg, paths, encoder)).to(device)
+    meta = checkpoint_meta(model)
     ema = EMA(model, d.ema)
     # fused AdamW on the GPU: one kernel for all parameters (measured +10% step speed at XL)
     opt = torch.optim.AdamW(model.parameters(), lr=d.lr, betas=tuple(d.betas),
@@ -120,11 +128,13 @@ def train_loop(config: dict) -> dict:
             torch.distributed.all_reduce(step_loss, op=torch.distributed.ReduceOp.AVG)
         done = step + 1
         if done % 10 == 0 or done == d.steps:
-            metrics.metrics(done, loss=step_loss.item(), lr=lr, grad_norm=float(grad_norm))
+            terms = {k: float(v) for k, v in getattr(loss_fn, "terms", {}).items()}
+            metrics.metrics(done, loss=step_loss.item(), lr=lr, grad_norm=float(grad_norm),
+                            **terms)
         if rank == 0 and (done % d.ckpt_every == 0 or done == d.steps):
             atomic_save({"model": ema.model.state_dict(), "step": done, "name": d.model,
-                         "overrides": cfg.generator.overrides(), "latent_shape": list(latent_shape)},
-                        run_dir / f"ema-step{done:07d}.pt")
+                         "overrides": cfg.generator.overrides(), "latent_shape": list(latent_shape),
+                         **meta}, run_dir / f"ema-step{done:07d}.pt")
             ckpt.save(done, model=model, ema=ema.model, opt=opt)
         if decoder is not None and (done % d.sample_every == 0 or done == d.steps):
             path = _sample_grid(cfg, ema.model, decoder, stats, latent_shape, done, run_dir)
@@ -136,7 +146,7 @@ def train_loop(config: dict) -> dict:
         paths.generator_dir.mkdir(parents=True, exist_ok=True)
         atomic_save({"model": ema.model.state_dict(), "step": d.steps, "name": d.model,
                      "overrides": cfg.generator.overrides(), "latent_shape": list(latent_shape),
-                     "shift": shift}, paths.generator_dir / "ema.pt")
+                     "shift": shift, **meta}, paths.generator_dir / "ema.pt")
     return summary
 
 

@@ -1,11 +1,16 @@
-"""The pretrain-encoder stage for autoencoder.kind = vae: a whole AutoencoderKL trained on the
-training images, as the KL-f8 autoencoder of latent diffusion was, when no weights are given.
+"""The pretrain-encoder stage for a whole autoencoder trained on the training images when no
+weights are given: an AutoencoderKL (autoencoder.kind = vae), as the KL-f8 autoencoder of latent
+diffusion was, or HART's multi-scale VQ tokenizer (hybrid-vq), as VAR's was (HART's phase 1).
 
-Loss: L1 + kl_weight * KL of the sampled posterior, plus LPIPS and the adaptively weighted GAN of
-the train-decoder stage where decoder.lpips_weight / decoder.gan.weight switch them on. LDM sums
-the reconstruction error over pixels beside a per-image KL; here both are per pixel (KL / pixel
-count), which keeps autoencoder.kl_weight on SD's scale (1e-6). Hyper-parameters come from
-encoder.pretrain; the result is a diffusers folder models/encoder/vae/.
+Loss: L1 + a regulariser, plus LPIPS and the adaptively weighted GAN of the train-decoder stage
+where decoder.lpips_weight / decoder.gan.weight switch them on.
+- vae: kl_weight * KL of the sampled posterior. LDM sums the reconstruction error over pixels
+  beside a per-image KL; here both are per pixel (KL / pixel count), which keeps
+  autoencoder.kl_weight on SD's scale (1e-6). Writes the diffusers folder models/encoder/vae/.
+- hybrid-vq: the quantiser's codebook + beta x commitment loss, the reconstruction decoded from
+  the discrete latent through the straight-through estimator; the codebook's perplexity and
+  dead codes are logged at every step. Writes models/encoder/tokenizer.pt.
+Hyper-parameters come from encoder.pretrain.
 """
 
 from __future__ import annotations
@@ -34,6 +39,66 @@ from rae_core.train.sampler import batch_indices, rank_slice, step_seed
 log = logging.getLogger(__name__)
 
 
+class KLRecipe:
+    """An AutoencoderKL: L1 + kl_weight x the per-pixel KL of the sampled posterior."""
+
+    def __init__(self, cfg: Config):
+        from rae_core.vae import build_vae
+
+        self.cfg, self.model = cfg, build_vae(cfg.encoder.name)
+
+    def last_layer_weight(self) -> torch.Tensor:
+        return self.model.decoder.conv_out.weight
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """[0, 1] images -> (reconstruction in [0, 1]-space, regulariser, its metrics)."""
+        posterior = self.model.encode(x * 2 - 1).latent_dist
+        rec = self.model.decode(posterior.sample()).sample * 0.5 + 0.5
+        kl = posterior.kl().mean()  # nats per image, summed over the latent
+        return rec, self.cfg.autoencoder.kl_weight * kl / x[0].numel(), {"kl": kl.item()}
+
+    def parts(self):
+        from rae_core.vae import vae_parts
+
+        return vae_parts(self.cfg.encoder.name, self.model.eval(), self.cfg.data.resolution)
+
+    def save(self, paths: Paths) -> None:
+        from rae_core.vae import pretrained_dir, save_vae
+
+        save_vae(self.model, pretrained_dir(paths))
+
+
+class VQRecipe:
+    """HART's tokenizer, phase 1 (VAR's training): the discrete latent's reconstruction and
+    the quantiser's loss."""
+
+    def __init__(self, cfg: Config):
+        from rae_core.autoencoder import tokenizer_config
+        from rae_core.hybrid_vq import HybridTokenizer
+
+        self.cfg, self.model = cfg, HybridTokenizer(tokenizer_config(cfg))
+
+    def last_layer_weight(self) -> torch.Tensor:
+        return self.model.decoder.conv_out.weight
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        out = self.model(x * 2 - 1)
+        usage = {"vq_loss": out.vq_loss.item(), "perplexity": float(out.perplexity),
+                 "dead_codes": out.dead_codes}
+        return out.reconstruction * 0.5 + 0.5, out.vq_loss, usage
+
+    def parts(self):
+        from rae_core.hybrid_vq import TokenizerDecoder, TokenizerEncoder
+
+        tok = self.model.eval()
+        return TokenizerEncoder(self.cfg.encoder.name, tok).eval(), TokenizerDecoder(tok).eval()
+
+    def save(self, paths: Paths) -> None:
+        from rae_core.hybrid_vq import save_tokenizer
+
+        save_tokenizer(self.model, self.cfg.encoder.name, paths.encoder_dir / "tokenizer.pt")
+
+
 def train_loop(config: dict) -> dict:
     from rae_core.discriminator import build_discriminator
     from rae_core.images import grid, save_png
@@ -46,7 +111,6 @@ def train_loop(config: dict) -> dict:
     )
     from rae_core.train.decoder import evaluate_reconstruction
     from rae_core.train.runner import worker_setup
-    from rae_core.vae import build_vae, pretrained_dir, save_vae, vae_parts
 
     cfg, paths, run_dir = from_dict(config["cfg"]), Paths.at(config["root"]), Path(config["run_dir"])
     rank, world, device = worker_setup(cfg)
@@ -58,13 +122,14 @@ def train_loop(config: dict) -> dict:
     pick = torch.linspace(0, len(val) - 1, min(512, len(val))).long()  # spread over classes
     val_images = val.images[pick] if val.images is not None else \
         torch.stack([val.dataset[int(i)][0] for i in pick])
-    vae = build_vae(cfg.encoder.name).to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=p.lr, betas=(0.9, 0.95),
+    recipe = VQRecipe(cfg) if cfg.autoencoder.kind == "hybrid-vq" else KLRecipe(cfg)
+    model = recipe.model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=(0.9, 0.95),
                             weight_decay=p.weight_decay)
     lpips = LPIPSLoss(weights=d.lpips_weights).to(device) if d.lpips_weight > 0 else None
     # The GAN only where it would act within these steps (a dino disc needs weights to build).
     use_gan = g.weight > 0 and min(g.disc_start_step, g.gen_start_step) < p.steps
-    states: dict = {"model": vae, "opt": opt}
+    states: dict = {"model": model, "opt": opt}
     if use_gan:
         disc = build_discriminator(g.disc, weights=g.disc_weights).to(device)
         opt_d = torch.optim.AdamW([q for q in disc.parameters() if q.requires_grad],
@@ -82,21 +147,19 @@ def train_loop(config: dict) -> dict:
         idx = rank_slice(batch_indices(len(source), p.batch_size, cfg.seed, step), rank, world)
         x, _ = source.get(idx, gen)
         x = x.to(device)
-        posterior = vae.encode(x * 2 - 1).latent_dist
-        rec = vae.decode(posterior.sample()).sample * 0.5 + 0.5
+        rec, reg, reg_metrics = recipe.reconstruct(x)
         l1 = (rec - x).abs().mean()
-        kl = posterior.kl().mean()  # nats per image, summed over the latent
         lp = lpips(rec, x).mean() if lpips is not None else zero
         rec_loss = l1 + d.lpips_weight * lp
         gan_loss, lam = zero, zero
         if use_gan and step >= g.gen_start_step:
             gan_loss = generator_loss(disc(diff_augment(rec) if g.diffaug else rec))
-            lam = adaptive_gan_weight(rec_loss, gan_loss, vae.decoder.conv_out.weight)
-        loss = rec_loss + cfg.autoencoder.kl_weight * kl / x[0].numel() + g.weight * lam * gan_loss
+            lam = adaptive_gan_weight(rec_loss, gan_loss, recipe.last_layer_weight())
+        loss = rec_loss + reg + g.weight * lam * gan_loss
         check_finite(loss.detach(), step, "pretrain-encoder", ckpt.last_good)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(vae, world)
+        average_gradients(model, world)
         lr = warmup_cosine(step, p.lr, p.lr * 0.1, p.warmup_steps, p.steps)
         set_lr(opt, lr)
         opt.step()
@@ -111,6 +174,9 @@ def train_loop(config: dict) -> dict:
             average_gradients(disc, world)
             opt_d.step()
         done = step + 1
+        if "perplexity" in reg_metrics:  # the codebook's usage, at every step
+            metrics.metrics(done, perplexity=reg_metrics.pop("perplexity"),
+                            dead_codes=reg_metrics.pop("dead_codes"))
         if done % 10 == 0 or done == p.steps:
             with torch.no_grad():
                 mse = ((rec.detach().clamp(0, 1) - x) ** 2).flatten(1).mean(1)
@@ -119,12 +185,12 @@ def train_loop(config: dict) -> dict:
             if use_gan:
                 extra.update(gan_loss=gan_loss.item(), gan_lambda=float(lam),
                              disc_loss=d_loss.item())
-            metrics.metrics(done, l1=l1.item(), kl=kl.item(), psnr=psnr.item(), lr=lr, **extra)
+            metrics.metrics(done, l1=l1.item(), psnr=psnr.item(), lr=lr, **reg_metrics, **extra)
         if rank == 0 and (done % p.ckpt_every == 0 or done == p.steps):
             ckpt.save(done, **states)
     summary: dict = {"steps": p.steps, "resumed_at": start}
     if rank == 0:
-        encoder, decoder = vae_parts(cfg.encoder.name, vae.eval(), cfg.data.resolution)
+        encoder, decoder = recipe.parts()
         vx = val_images.to(device)
         ev = evaluate_reconstruction(encoder, decoder, vx)
         metrics.metrics(p.steps, **ev)
@@ -134,12 +200,12 @@ def train_loop(config: dict) -> dict:
             recs = decoder(encoder.encode(shown)).clamp(0, 1)
         metrics.artifact(p.steps, save_png(grid(torch.cat([shown, recs]), nrow=16),
                                            run_dir / "reconstructions.png", upscale=2))
-        save_vae(vae, pretrained_dir(paths))
+        recipe.save(paths)
     return summary
 
 
 def fingerprint(cfg: Config) -> str:
-    """What the trained VAE depends on: its own sections and the losses it borrows from the
+    """What the trained autoencoder depends on: its own sections and the losses it borrows from the
     decoder stage (LPIPS, GAN), not the rest of that stage (noise, steps)."""
     decoder = cfg.to_dict()["decoder"]
     losses = {k: decoder[k] for k in ("lpips_weight", "lpips_weights", "gan")}
@@ -148,13 +214,13 @@ def fingerprint(cfg: Config) -> str:
 
 
 def run(cfg: Config, paths: Paths) -> dict:
-    """Train the VAE that encoder.name registers, unless encoder.weights gives one; writes
-    models/encoder/vae/ and models/encoder/summary.json."""
+    """Train the VAE or tokenizer that encoder.name registers, unless encoder.weights gives one;
+    writes models/encoder/vae/ or tokenizer.pt, and models/encoder/summary.json."""
     from rae_core.train.runner import fit
 
     paths.encoder_dir.mkdir(parents=True, exist_ok=True)
     if cfg.encoder.weights is not None:
-        info = {"skipped": True, "reason": f"VAE {cfg.encoder.name} uses the given weights "
+        info = {"skipped": True, "reason": f"{cfg.encoder.name} uses the given weights "
                 f"{cfg.encoder.weights}"}
         write_json(paths.encoder_dir / "summary.json", info)
         return info
