@@ -148,13 +148,17 @@ SMOKE_HART = _hart_family(
     {"steps": 40, "batch_size": 32, "lr": 3e-3, "warmup_steps": 3, "weight_decay": 0.0,
      "ckpt_every": 10},
     {"lr": 1e-3}, "HART-micro", {"lr": 1e-3}, {"scale": 1.0})
-TINY_HART = _hart_family(
+TINY_HART = merge(_hart_family(
     {**TINY, "preset": "tiny-hart"}, "vq-tiny",
-    {"steps": 300, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20, "weight_decay": 0.0,
+    {"steps": 200, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20, "weight_decay": 0.0,
      "ckpt_every": 100},
-    {"steps": 200, "lr": 5e-4, "min_lr": 5e-5, "warmup_steps": 10, "eval_every": 100,
-     "ckpt_every": 100, "gan": {"disc_start_step": 100, "gen_start_step": 120}},
-    "HART-tiny", {"steps": 800, "lr": 1e-3, "min_lr": 1e-4}, {"scale": 1.0})
+    {"steps": 150, "lr": 5e-4, "min_lr": 5e-5, "warmup_steps": 10, "eval_every": 150,
+     "ckpt_every": 150, "gan": {"disc_start_step": 50, "gen_start_step": 75}},
+    "HART-tiny", {"steps": 1000, "batch_size": 64, "lr": 1e-3, "min_lr": 1e-4,
+                  "decay_start_step": 500, "sample_every": 500, "ckpt_every": 250},
+    {"scale": 1.0}),
+    # the convolutional tokenizer and the transformer are compute-bound: both cores per worker
+    {"ray": {"cpus_per_worker": 2}})
 
 
 def _imagenet_hart() -> dict:

@@ -253,3 +253,67 @@ def test_both_families_share_one_leaderboard_with_a_family_column(vae_project):
     assert {"vae-decoder-digits-32", "vae-generator-digits-32"} <= names
     champ = client.get_model_version_by_alias("vae-generator-digits-32", "champion")
     assert str(champ.version) == "1"
+
+
+@pytest.fixture(scope="module")
+def hart_project(tmp_path_factory, servers, project):
+    """The HART family (smoke-hart: a multi-scale VQ tokenizer pretrained here, its decoder
+    retrained on discrete or hybrid latents, HART-micro) through the same dvc repro."""
+    _, env, _ = project
+    proj = tmp_path_factory.mktemp("hart-project")
+    for item in ("dvc.yaml", "rae_core", "flows"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, proj / item)
+    _run(["git", "init", "-q"], proj, env)
+    _run(["dvc", "init", "-q"], proj, env)
+    _run([sys.executable, "-m", "flows.cli", "params", "--preset", "smoke-hart"], proj, env)
+    _run(["git", "add", "-A"], proj, env)
+    _run(["git", "commit", "-qm", "smoke-hart project"], proj, env)
+    repro = _run(["dvc", "repro"], proj, env)
+    return proj, env, repro
+
+
+def test_the_hart_family_runs_every_stage_as_a_kind_of_the_same_pipeline(hart_project):
+    import numpy as np
+    import torch
+
+    proj, env, repro = hart_project
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in repro.stdout
+    assert (proj / "models" / "encoder" / "tokenizer.pt").exists()
+    ema = torch.load(proj / "models" / "generator" / "ema.pt", weights_only=True)
+    assert ema["name"] == "HART-micro" and ema["tokens"]["scales"] == [1, 2, 3, 4]
+    # the codebook's usage was logged at every step of the tokenizer's training
+    logged = [json.loads(ln) for ln in
+              (proj / "runs" / "logs" / "pretrain-encoder.jsonl").read_text().splitlines()]
+    usage = [r["step"] for r in logged if "perplexity" in r.get("metrics", {})]
+    assert usage == list(range(1, 41))
+    stats = json.loads((proj / "runs" / "logs" / "train-generator.jsonl").read_text()
+                       .splitlines()[-1])["metrics"]
+    assert {"tokens", "residual", "accuracy"} <= set(stats)
+    samples = np.load(proj / "runs" / "samples" / "samples.npz")
+    assert samples["images"].shape == (80, 32, 32, 3)
+    m = json.loads((proj / "runs" / "evaluate" / "metrics.json").read_text())
+    assert m["images_per_s"] > 0 and {"rfid_discrete", "recon_psnr_discrete"} <= set(m)
+    # in-test baseline: the tokenizer reconstructs validation digits better than their mean
+    val = np.stack([np.asarray(__import__("PIL.Image").Image.open(p).convert("RGB"),
+                               dtype=np.float64) / 255
+                    for p in sorted((proj / "data" / "dataset" / "val").glob("*/*.png"))])
+    mean_psnr = float(np.mean(-10 * np.log10(((val - val.mean(0)) ** 2).mean((1, 2, 3)))))
+    assert m["recon_psnr"] > mean_psnr + 1
+    assert json.loads(_run(["dvc", "status", "--json"], proj, env).stdout) == {}
+
+
+def test_three_families_share_one_leaderboard_with_sampling_speed(hart_project, vae_project):
+    proj, env, _ = hart_project
+    out = _run([sys.executable, "-m", "flows.cli", "leaderboard", "--format", "json"],
+               proj, env).stdout
+    (rows,) = json.loads(out).values()
+    assert {r["family"] for r in rows} >= {"rae/flow", "vae/ddpm", "hybrid-vq/hart"}
+    hart = next(r for r in rows if r["family"] == "hybrid-vq/hart")
+    assert hart["images_per_s"] > 0 and hart["model"] == "HART-micro"
+    table = _run([sys.executable, "-m", "flows.cli", "leaderboard"], proj, env).stdout
+    assert "images_per_s" in table and "hybrid-vq/hart" in table
+    client = _mlflow(env).tracking.MlflowClient()
+    champ = client.get_model_version_by_alias("hybrid-vq-generator-digits-32", "champion")
+    assert str(champ.version) == "1"
