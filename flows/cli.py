@@ -18,8 +18,9 @@ STAGE_NAMES = ["prepare", "pretrain-encoder", "stats", "extract", "train-decoder
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="smoke | tiny | imagenet256 | imagenet512, or the VAE + DiT "
-                   "family's smoke-vae | tiny-vae | imagenet256-dit (default: params.yaml)")
+    p.add_argument("--preset", help="smoke | tiny | imagenet256 | imagenet512, the VAE + DiT "
+                   "family's smoke-vae | tiny-vae | imagenet256-dit, or HART's smoke-hart | "
+                   "tiny-hart | imagenet256-hart (default: params.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one parameter, e.g. --set generator.steps=500 (repeatable)")
     p.add_argument("--params", default="params.yaml", help="the active configuration file")

@@ -145,15 +145,20 @@ def _hart_family(base: dict, tokenizer: str, pretrain: dict, decoder: dict, mode
 
 SMOKE_HART = _hart_family(
     {**SMOKE, "preset": "smoke-hart"}, "vq-micro",
-    {"steps": 40, "batch_size": 32, "lr": 3e-3, "warmup_steps": 3, "weight_decay": 0.0,
-     "ckpt_every": 10},
+    # 120 steps: the codes start near zero, and at 40 steps the tokens still decode to the
+    # mean digit (12.2 dB against 16.4 dB at 120 steps)
+    {"steps": 120, "batch_size": 32, "lr": 3e-3, "warmup_steps": 3, "weight_decay": 0.0,
+     "ckpt_every": 40},
     {"lr": 1e-3}, "HART-micro", {"lr": 1e-3}, {"scale": 1.0})
 TINY_HART = merge(_hart_family(
     {**TINY, "preset": "tiny-hart"}, "vq-tiny",
     {"steps": 200, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20, "weight_decay": 0.0,
      "ckpt_every": 100},
-    {"steps": 150, "lr": 5e-4, "min_lr": 5e-5, "warmup_steps": 10, "eval_every": 150,
-     "ckpt_every": 150, "gan": {"disc_start_step": 50, "gen_start_step": 75}},
+    # phase 2 at the tokenizer's lr; the GAN (whose schedule the pretraining shares) joins
+    # only after the 200 steps of phase 1: +1.1 dB hybrid over discrete, against +1.0 with
+    # 150 steps at lr 5e-4 and a GAN from step 50
+    {"steps": 300, "lr": 1.5e-3, "min_lr": 1e-4, "warmup_steps": 10, "eval_every": 300,
+     "ckpt_every": 150, "gan": {"disc_start_step": 200, "gen_start_step": 225}},
     "HART-tiny", {"steps": 1000, "batch_size": 64, "lr": 1e-3, "min_lr": 1e-4,
                   "decay_start_step": 500, "sample_every": 500, "ckpt_every": 250},
     {"scale": 1.0}),
