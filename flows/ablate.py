@@ -28,7 +28,7 @@ from flows.source import flow_run_name
 from rae_core.ablations import make_plan
 from rae_core.ablations.compute import train_flops
 from rae_core.ablations.overfit import overfit_one_latent
-from rae_core.ablations.plan import DATASET, LANES, Arm, Plan, Root
+from rae_core.ablations.plan import DATASET, LANES, METRICS, Arm, Plan, Root
 from rae_core.ablations.plots import curve_arms, plot_ablation, plot_curves
 from rae_core.ablations.report import (
     build_report,
@@ -180,8 +180,7 @@ def _evaluation_numbers(arm_run: str) -> dict[str, dict]:
                            filter_string=f"tags.mlflow.parentRunId = '{arm_run}' and "
                                          "tags.`rae.stage` = 'evaluate'")
     m = run.data.metrics
-    return {k: {"value": m[k], "run_id": run.info.run_id}
-            for k in ("fid", "class_accuracy", "rfid", "recon_psnr") if k in m}
+    return {k: {"value": m[k], "run_id": run.info.run_id} for k in METRICS if k in m}
 
 
 def _log_metrics(run_id: str, points: list[tuple[str, float, int]]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rae_core import ablations
-from rae_core.ablations import compute, latents, plots, report
+from rae_core.ablations import compute, hart, latents, plots, report
 from rae_core.ablations.plan import SCALES
 from rae_core.config import from_dict
 from rae_core.errors import ConfigError
@@ -113,9 +113,9 @@ def test_every_arm_config_is_valid_and_differs_only_where_it_should(plan):
     assert (flow.sample.sampler, flow.sample.steps) == (rae.sample.sampler, rae.sample.steps)
     assert (ddpm.generator.kind, ddpm.generator.model, ddpm.sample.sampler) == \
         ("ddpm", "DiT-micro/2", "ddpm")
-    # the arms of f score their EMA checkpoints; the others do not
+    # the arms of f and HART's own arm score their EMA checkpoints; the others do not
     curves = {n for n, c in cfgs.items() if c.evaluate.curve_per_class > 0}
-    assert curves == {"rae-flow", "vae-flow", "vae-ddpm"}
+    assert curves == {"rae-flow", "vae-flow", "vae-ddpm", "hart"}
     for name in curves:
         g = cfgs[name].generator
         assert -(-g.steps // g.ckpt_every) == latents.SIZES["smoke"].checkpoints, name
@@ -128,6 +128,9 @@ def test_every_arm_config_is_valid_and_differs_only_where_it_should(plan):
     for name in ("rae-flow", "vae-flow", "vae-ddpm", "wide-dh", "wide-dit"):
         g = cfgs[name].generator
         assert g.ema ** g.steps == pytest.approx(preset.ema ** preset.steps), name
+    hart_preset = load_config(None, "smoke-hart").generator
+    g = cfgs["hart"].generator
+    assert g.ema ** g.steps == pytest.approx(hart_preset.ema ** hart_preset.steps)
     # the knobs an ablation varies are pinned, whatever --set says
     other = ablations.make_plan(load_config(None, "smoke", ["generator.shift=2.0",
                                                             "decoder.noise_tau=0.3"]))
@@ -153,6 +156,10 @@ def test_every_arm_config_is_valid_and_differs_only_where_it_should(plan):
     (("a",), {"width-32", "width-64", "width-96"}, ["dataset", "shared"]),
     (("d", "f"), {"reference", "dit", "wide-dh", "wide-dit", "rae-flow", "vae-flow", "vae-ddpm"},
      ["dataset", "shared", "shared-wide", "shared-vae", "shared-rae"]),
+    (("g",), {"rae-flow", "hart", "hart-tokens"},
+     ["dataset", "shared", "shared-hart", "shared-rae"]),
+    (("f", "g"), {"rae-flow", "vae-flow", "vae-ddpm", "hart", "hart-tokens"},
+     ["dataset", "shared", "shared-vae", "shared-hart", "shared-rae"]),
 ])
 def test_only_runs_the_arms_its_ablations_compare_and_those_they_reuse(letters, arms, roots):
     plan = ablations.make_plan(load_config(None, "smoke"), letters)
@@ -164,18 +171,20 @@ def test_only_runs_the_arms_its_ablations_compare_and_those_they_reuse(letters, 
     assert [plan.root_serves(r) for r in plan.roots][0] == "".join(letters)
     everything = ablations.make_plan(load_config(None, "smoke"))
     assert everything.served["reference"] == "bcde" and everything.letters == tuple(LETTERS)
+    assert everything.served["rae-flow"] == "fg"  # one arm for both, trained once
+    assert [a.name for a in everything.arms].count("rae-flow") == 1
 
 
 def test_only_rejects_an_unknown_letter_in_one_line(tmp_path):
     assert ablations.parse_only("f, d") == ("d", "f")
-    with pytest.raises(ConfigError, match=r"unknown ablation 'x' \(valid: a, b, c, d, e, f\)"):
+    with pytest.raises(ConfigError, match=r"unknown ablation 'x' \(valid: a, b, c, d, e, f, g\)"):
         ablations.parse_only("d,x")
     res = subprocess.run([sys.executable, "-m", "flows.cli", "ablate", "--preset", "smoke",
                           "--only", "d,x"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        "rae: error: --only d,x: unknown ablation 'x' (valid: a, b, c, d, e, f)"]
+        "rae: error: --only d,x: unknown ablation 'x' (valid: a, b, c, d, e, f, g)"]
 
 
 def test_a_preset_without_ablation_sizes_is_refused():
@@ -206,9 +215,9 @@ def test_flops_to_reach_a_fid_interpolates_between_checkpoints():
         pytest.approx(1.0 + 20.0 / 30.0)
 
 
-# FID at the EMA checkpoints of (f)'s arms, seed 0; other seeds add the seed
+# FID at the EMA checkpoints of (f)'s arms and HART's, seed 0; other seeds add the seed
 CURVES = {"rae-flow": [30.0, 15.0, 10.0], "vae-flow": [40.0, 30.0, 16.0],
-          "vae-ddpm": [50.0, 40.0, 35.0]}
+          "vae-ddpm": [50.0, 40.0, 35.0], "hart": [45.0, 25.0, 12.0]}
 
 
 def _fake_results(plan, flip: str | None = None):
@@ -218,7 +227,7 @@ def _fake_results(plan, flip: str | None = None):
         results[arm.name] = {}
         for s in plan.seeds:
             run = f"run-{arm.name}-{s}"
-            good = arm.name in ("reference", "dit", "wide-dh", "rae-flow") or \
+            good = arm.name in ("reference", "dit", "wide-dh", "rae-flow", "hart") or \
                 arm.name.startswith("width-") and arm.name != "width-32"
             fid = (10.0 if good else 20.0) + s + 0.1 * i
             if flip == "b" and arm.name == "no-shift":
@@ -236,6 +245,10 @@ def _fake_results(plan, flip: str | None = None):
                 "recon_psnr": {"value": 20.0 if arm.name == "plain-decoder" else 19.0,
                                "run_id": run},
                 "overfit_loss": {"value": 0.5 if arm.name == "width-32" else 0.01,
+                                 "run_id": run},
+                "rfid_discrete": {"value": 4.0, "run_id": run},
+                "recon_psnr_discrete": {"value": 17.0, "run_id": run},
+                "images_per_s": {"value": 300.0 if arm.root.name == "shared-hart" else 40.0,
                                  "run_id": run}}
             if arm.name in CURVES:
                 every = arm.overrides["generator.ckpt_every"]
@@ -276,6 +289,7 @@ def test_report_has_a_row_per_claim_and_says_plainly_where_the_paper_does_not_ho
         png = plots.plot_ablation(rep, letter, tmp_path / f"{letter}.png")
         assert png.read_bytes()[:4] == b"\x89PNG"
     assert plots.curve_arms(rep, "f") == ["rae-flow", "vae-flow", "vae-ddpm"]
+    assert plots.curve_arms(rep, "g") == ["hart", "rae-flow"]
     assert plots.curve_arms(rep, "d") == []
     png = plots.plot_curves(rep, "f", tmp_path / "f-curve.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -309,6 +323,96 @@ def test_f_reports_the_compute_each_arm_needs_to_reach_the_vae_flow_arms_fid(pla
     assert "135 / 310" in vae_row[6] and "22 / 106" in rae_row[6]
 
 
+@pytest.mark.parametrize("preset", ["smoke", "tiny"])
+def test_g_matches_hart_to_the_rae_arms_training_flops_and_reuses_its_generator(preset):
+    plan = ablations.make_plan(load_config(None, preset), ("g",))
+    family = load_config(None, hart.HART_PRESETS[preset])
+    rae, arm, tokens = (plan.arm(n) for n in ("rae-flow", "hart", "hart-tokens"))
+    assert rae == next(a for a in latents.design(load_config(None, preset))[0]
+                       if a.name == "rae-flow")  # (f)'s arm, at (f)'s budget
+    # the arithmetic of the match: steps = budget / (3 x FLOPs per image x batch)
+    per_image = compute.scalewise_flops_per_image(family)
+    assert arm.flops_per_image == per_image and arm.batch == family.generator.batch_size
+    assert arm.steps == round(rae.train_flops / (3 * per_image * arm.batch))
+    assert arm.train_flops == pytest.approx(rae.train_flops, rel=0.01)
+    # the residual-free arm only re-samples hart's generator, trained once
+    assert tokens.generator_from == "hart" and tokens.stages == ("sample", "evaluate")
+    assert (tokens.steps, tokens.flops_per_image, tokens.model) == \
+        (arm.steps, arm.flops_per_image, arm.model)
+    assert arm.stages == ("train-generator", "sample", "evaluate")
+    cfgs = {a.name: from_dict(a.config(plan.base, 1)) for a in plan.arms}
+    h, t = cfgs["hart"], cfgs["hart-tokens"]
+    assert (h.sample.residual, t.sample.residual) == (True, False)
+    assert h.generator == t.generator and h.autoencoder == t.autoencoder
+    assert (h.autoencoder.kind, h.encoder.name, h.generator.kind, h.generator.model) == \
+        ("hybrid-vq", family.encoder.name, "hart", family.generator.model)
+    assert h.encoder == family.encoder and h.decoder == family.decoder
+    assert (h.sample.sampler, h.sample.steps, h.sample.scale) == \
+        (family.sample.sampler, family.sample.steps, family.sample.scale)
+    assert h.generator.steps == arm.steps and h.sample.seed == t.sample.seed == 1
+    size = latents.SIZES[preset]
+    assert h.sample.num_per_class == cfgs["rae-flow"].sample.num_per_class == size.num_per_class
+    assert h.evaluate.curve_per_class == size.curve_per_class and t.evaluate.curve_per_class == 0
+    assert [(c.metric, c.winner, c.loser, c.loser_key) for c in plan.claims] == [
+        ("rfid", "hart", "hart-tokens", "rfid_discrete"),
+        ("recon_psnr", "hart", "hart-tokens", "recon_psnr_discrete"),
+        ("fid", "hart", "hart-tokens", "fid"),
+        ("class_accuracy", "hart", "hart-tokens", "class_accuracy"),
+        ("images_per_s", "hart", "rae-flow", "images_per_s")]
+
+
+@pytest.mark.parametrize("preset", ["smoke-hart", "tiny-hart"])
+def test_hart_flops_per_image_are_a_third_of_a_counted_training_step(preset):
+    """3 x the counted forward against FlopCounterMode over a real forward and backward of the
+    training loss: the 3x over-counts the frozen quantiser and the first layer's input
+    gradient, by at most 15 %."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rae_core.autoencoder import tokenizer_config
+    from rae_core.generator import build_generator
+    from rae_core.quantize import MultiScaleQuantizer
+
+    cfg = load_config(None, preset)
+    per_image = compute.scalewise_flops_per_image(cfg)
+    t = tokenizer_config(cfg)
+    side, batch = t.resolution // t.downsampling, 4
+    quantizer = MultiScaleQuantizer(t.vocab, t.z_channels, t.scales, t.beta)
+    net = build_generator(cfg, (t.z_channels, side, side), (quantizer, 1.0))
+    torch.manual_seed(1)
+    f = torch.randn(batch, t.z_channels, side, side)
+    y = torch.randint(0, cfg.data.num_classes, (batch,))
+    lo, hi = cfg.generator.mask_ratio
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        net(f, y, mask_ratio=((lo + hi) / 2,) * 2)["total"].backward()
+    step = counter.get_total_flops()
+    estimate = compute.train_flops(per_image, batch, 1)
+    assert step <= estimate <= 1.15 * step
+
+
+def test_g_reports_quality_against_speed_and_the_tokens_alone(tmp_path):
+    sub = ablations.make_plan(load_config(None, "smoke"), ("g",))
+    rep = report.build_report(sub, _fake_results(sub), "parent", "domain:x", 1.0)
+    assert {r["verdict"] for r in rep["claims"]} == {report.HOLDS}
+    rfid = next(r for r in rep["claims"] if r["metric"] == "rfid")
+    assert (rfid["winner"]["mean"]["value"], rfid["loser"]["mean"]["value"]) == (3.0, 4.0)
+    assert rfid["loser"]["mean"]["metric"] == "g.hart-tokens.rfid_discrete.mean"
+    (table,) = rep["tables"]
+    rows = {r[0]: r for r in table["rows"]}
+    assert list(rows) == ["rae-flow", "hart", "hart-tokens"]
+    assert rows["hart"][6]["mean"]["value"] == 300.0 and rows["rae-flow"][6]["mean"]["value"] == 40
+    assert rows["hart"][7] == report.number("g.hart.speedup", 7.5, "parent")
+    assert rows["rae-flow"][7] is None
+    assert rows["hart"][3]["value"] == pytest.approx(rows["rae-flow"][3]["value"], rel=0.01)
+    md = report.render_markdown(rep)
+    assert "hart-tokens (rFID of the discrete tokens alone): **4**" in md
+    assert "## (g) quality against sampling speed at equal training FLOPs" in md
+    assert "1.5 s per batch of 64" in md and "euler in 10 steps, CFG 5" in md
+    assert plots.plot_ablation(rep, "g", tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    assert plots.curve_arms(rep, "g") == ["hart", "rae-flow"]
+
+
 def test_a_report_of_some_ablations_covers_only_those(plan):
     sub = ablations.make_plan(load_config(None, "smoke"), ("c", "f"))
     rep = report.build_report(sub, _fake_results(sub), "parent", "domain:x", 1.0)
@@ -338,7 +442,7 @@ def _numbers(node, path=""):
         yield path, None
 
 
-E2E_LETTERS = ["d", "f"]
+E2E_LETTERS = ["d", "f", "g"]
 
 
 @pytest.mark.e2e
@@ -358,14 +462,14 @@ def test_smoke_ablation_end_to_end(tmp_path):
     for cmd in (["params", "--preset", "smoke"],
                 ["ablate", "--preset", "smoke", "--only", ",".join(E2E_LETTERS)]):
         res = subprocess.run([sys.executable, "-m", "flows.cli", *cmd], cwd=proj, env=env,
-                             capture_output=True, text=True, timeout=900)
+                             capture_output=True, text=True, timeout=1200)
         assert res.returncode == 0, f"{cmd}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
 
     out = proj / "runs" / "ablate" / "smoke"
     md = (out / "report.md").read_text()
     assert sorted({ln[2] for ln in _verdict_rows(md)}) == E2E_LETTERS
     assert all((out / "plots" / f"{x}.png").exists() for x in E2E_LETTERS)
-    assert (out / "plots" / "f-curve.png").exists()
+    assert (out / "plots" / "f-curve.png").exists() and (out / "plots" / "g-curve.png").exists()
     report_ = json.loads((out / "report.json").read_text())
     assert {r["ablation"] for r in report_["claims"]} == set(E2E_LETTERS)
     # row (f): the final FIDs of the three arms, and the compute and autoencoder tables
@@ -378,8 +482,17 @@ def test_smoke_ablation_end_to_end(tmp_path):
     assert "| f | RAE latents vs VAE latents, equal FLOPs, DiT's recipe: DiT/2 and DDPM |" in md
     assert {t["title"] for t in report_["tables"]} == {
         "training compute to reach the VAE flow arm's final FID",
-        "the autoencoders side by side"}
-    assert set(report_["curves"]) == {"rae-flow", "vae-flow", "vae-ddpm"}
+        "the autoencoders side by side", "quality against sampling speed at equal training FLOPs"}
+    assert set(report_["curves"]) == {"rae-flow", "vae-flow", "vae-ddpm", "hart"}
+    # row (g): the tokenizer's two reconstructions, the head on and off, HART's speed vs RAE's
+    g_rows = {(r["winner"]["arm"], r["loser"]["arm"], r["metric"], r["loser_metric"])
+              for r in report_["claims"] if r["ablation"] == "g"}
+    assert g_rows == {("hart", "hart-tokens", "rfid", "rfid_discrete"),
+                      ("hart", "hart-tokens", "recon_psnr", "recon_psnr_discrete"),
+                      ("hart", "hart-tokens", "fid", "fid"),
+                      ("hart", "hart-tokens", "class_accuracy", "class_accuracy"),
+                      ("hart", "rae-flow", "images_per_s", "images_per_s")}
+    assert report_["arms"]["rae-flow"]["ablations"] == "fg"
     for arm, points in report_["curves"].items():
         assert len(points) == latents.SIZES["smoke"].checkpoints, arm
 
@@ -416,7 +529,9 @@ def test_smoke_ablation_end_to_end(tmp_path):
     arms = {(r.data.tags["rae.arm"], r.data.tags.get("rae.seed")) for r in children}
     assert {(a, "0") for a in report_["arms"]} <= arms
     assert {a for a, seed in arms if seed is None} == {"dataset", "shared", "shared-wide",
-                                                       "shared-vae", "shared-rae"}
+                                                       "shared-vae", "shared-rae", "shared-hart"}
+    tokens = next(r for r in children if r.data.tags["rae.arm"] == "hart-tokens")
+    assert tokens.data.tags["rae.generator_from"] == "hart-s0"
     for r in children:
         assert r.data.tags["rae.ablation"] and r.info.status == "FINISHED"
     # ablation models stay out of the model registry (and away from its champion alias)

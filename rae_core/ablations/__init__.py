@@ -1,21 +1,21 @@
 """The paper's key ablations at small scale, as a plan of arms at matched compute and a report
 built from measured numbers.
 
-Each module of ablations (rae: a-e on the paper's own recipe; latents: f, RAE vs VAE latents)
-is an AblationSet registered below: titles, a design(cfg) -> (arms, claims) and, optionally,
-tables of its own. The generic parts are the plan (plan.py), compute matching (compute.py), the
-report (report.py) and its figures (plots.py); the flow (flows/ablate.py) runs the stages and
-tracks them.
+Each module of ablations (rae: a-e on the paper's own recipe; latents: f, RAE vs VAE latents;
+hart: g, HART's hybrid tokens and residual head, and its speed against RAE) is an AblationSet
+registered below: titles, a design(cfg) -> (arms, claims) and, optionally, tables of its own.
+The generic parts are the plan (plan.py), compute matching (compute.py), the report (report.py)
+and its figures (plots.py); the flow (flows/ablate.py) runs the stages and tracks them.
 """
 
 from __future__ import annotations
 
-from rae_core.ablations import latents, rae
-from rae_core.ablations.plan import SCALES, AblationSet, Plan, select, sized
+from rae_core.ablations import hart, latents, rae
+from rae_core.ablations.plan import SCALES, AblationSet, Arm, Plan, select, sized
 from rae_core.config import Config, apply_overrides, from_dict
 from rae_core.errors import ConfigError
 
-SETS: tuple[AblationSet, ...] = (rae.ABLATIONS, latents.ABLATIONS)
+SETS: tuple[AblationSet, ...] = (rae.ABLATIONS, latents.ABLATIONS, hart.ABLATIONS)
 TITLES: dict[str, str] = {k: v for s in SETS for k, v in s.titles.items()}
 
 
@@ -34,6 +34,15 @@ def parse_only(text: str | None) -> tuple[str, ...]:
     return tuple(sorted(set(letters)))
 
 
+def _once(arms: list[Arm]) -> list[Arm]:
+    """Each arm once: sets may share one (g compares HART with f's RAE arm)."""
+    found: dict[str, Arm] = {}
+    for arm in arms:
+        if found.setdefault(arm.name, arm) != arm:
+            raise ValueError(f"two different arms are named {arm.name!r}")
+    return list(found.values())
+
+
 def make_plan(cfg: Config, letters: tuple[str, ...] | None = None) -> Plan:
     """The arms and claims of the selected ablations (all when None) for this configuration,
     with the arms they reuse, every arm's configuration validated."""
@@ -50,7 +59,7 @@ def make_plan(cfg: Config, letters: tuple[str, ...] | None = None) -> Plan:
         a, c = s.design(cfg)
         arms += a
         claims += c
-    arms, claims, served = select(arms, claims, letters)
+    arms, claims, served = select(_once(arms), claims, letters)
     tables = tuple(s.tables for s in chosen if s.tables)
     seeds = tuple(cfg.seed + i for i in range(scale.seeds))
     for arm in arms:

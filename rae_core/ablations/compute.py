@@ -6,10 +6,14 @@ Training compute of a generator = 3 x forward FLOPs per image x batch x steps.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rae_core.config import Config
+
+if TYPE_CHECKING:
+    from rae_core.hybrid_vq import TokenizerConfig
 
 
 def train_flops(flops_per_image: float, batch: int, steps: int) -> float:
@@ -33,6 +37,44 @@ def matched_depth(model: str, channels: int, grid: int, target_per_image: float,
         return abs(math.log(f / target_per_image))
 
     return min(range(1, max_depth + 1), key=distance)
+
+
+def scalewise_flops_per_image(cfg: Config) -> float:
+    """Forward FLOPs per image of one training step of a VAR or HART (generator.kind = hart):
+    the loss of rae_core.hart.ScalewiseGenerator, i.e. the frozen quantiser's tokenisation, the
+    transformer over every scale and the residual head on its mean share of the last scale's
+    tokens (generator.mask_ratio), counted by torch's FlopCounterMode."""
+    from rae_core.autoencoder import tokenizer_config
+
+    lo, hi = cfg.generator.mask_ratio
+    return _scalewise_flops(cfg.generator.model, tokenizer_config(cfg), cfg.data.num_classes,
+                            (lo + hi) / 2)
+
+
+@functools.lru_cache
+def _scalewise_flops(model: str, t: TokenizerConfig, num_classes: int, mask_ratio: float
+                     ) -> float:
+    """On the CPU, not the meta device: the head drops its unmasked rows, a data-dependent
+    shape. Attention runs on the math backend, whose matmuls the counter sees (it counts no
+    fused CPU kernel). The random draws leave the global generator as they found it."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rae_core.hart import ScalewiseGenerator
+    from rae_core.models.registry import build_ar_model
+    from rae_core.quantize import MultiScaleQuantizer
+
+    quantizer = MultiScaleQuantizer(t.vocab, t.z_channels, t.scales, t.beta)
+    net = ScalewiseGenerator(build_ar_model(model, t.vocab, t.z_channels, t.scales,
+                                            num_classes), quantizer)
+    side = t.resolution // t.downsampling
+    with torch.random.fork_rng(devices=[]), sdpa_kernel(SDPBackend.MATH), \
+            FlopCounterMode(display=False) as counter:
+        torch.manual_seed(0)
+        net(torch.randn(1, t.z_channels, side, side), torch.zeros(1, dtype=torch.long),
+            mask_ratio=(mask_ratio, mask_ratio))
+    return float(counter.get_total_flops())
 
 
 def schedule(cfg: Config, steps: int, checkpoints: int = 1) -> dict[str, Any]:

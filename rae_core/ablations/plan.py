@@ -24,6 +24,9 @@ METRICS: dict[str, tuple[str, Literal["lower", "higher"]]] = {
     "class_accuracy": ("class accuracy", "higher"),
     "rfid": ("rFID", "lower"),
     "recon_psnr": ("reconstruction PSNR", "higher"),
+    "rfid_discrete": ("rFID of the discrete tokens alone", "lower"),
+    "recon_psnr_discrete": ("PSNR of the discrete tokens alone", "higher"),
+    "images_per_s": ("images/s", "higher"),
 }
 
 # Arms run side by side in this many lanes, each Ray Train worker with its share of the CPUs:
@@ -140,10 +143,22 @@ class Claim:
     loser: str
     paper: str
     case: str = ""  # which regime of the ablation, where it has several
+    # the loser's number where it is another measure of the same quantity (g: the rFID of the
+    # tokens alone against the winner's rFID of the hybrid latent); None: `metric`
+    loser_metric: str | None = None
+
+    def __post_init__(self) -> None:
+        if METRICS[self.loser_key][1] != self.better:
+            raise ValueError(f"claim on {self.metric}: {self.loser_key} is not better in the "
+                             "same direction")
 
     @property
     def better(self) -> Literal["lower", "higher"]:
         return METRICS[self.metric][1]
+
+    @property
+    def loser_key(self) -> str:
+        return self.loser_metric or self.metric
 
 
 @dataclass(frozen=True)

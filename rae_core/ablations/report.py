@@ -92,13 +92,15 @@ def build_report(plan: Plan, results: dict[str, dict[int, dict]], parent_run_id:
                for k in ("steps", "train_flops")}}
     rows = []
     for c in plan.claims:
-        sides = {name: summary(plan, results, name, c.metric, f"{c.ablation}.{name}.{c.metric}",
-                               parent_run_id) for name in (c.winner, c.loser)}
+        sides = {side: summary(plan, results, name, metric, f"{c.ablation}.{name}.{metric}",
+                               parent_run_id)
+                 for side, name, metric in (("winner", c.winner, c.metric),
+                                            ("loser", c.loser, c.loser_key))}
         by_seed = {n: {v["seed"]: v["value"] for v in s["values"]} for n, s in sides.items()}
         rows.append({"ablation": c.ablation, "title": plan.titles[c.ablation], "case": c.case,
-                     "metric": c.metric, "better": c.better, "paper": c.paper,
-                     "winner": sides[c.winner], "loser": sides[c.loser],
-                     "verdict": verdict(by_seed[c.winner], by_seed[c.loser], c.better)})
+                     "metric": c.metric, "loser_metric": c.loser_key, "better": c.better,
+                     "paper": c.paper, **sides,
+                     "verdict": verdict(by_seed["winner"], by_seed["loser"], c.better)})
     report = {"preset": plan.preset, "parent_run_id": parent_run_id,
               "experiment": plan.base["tracking"]["experiment"], "extractor": extractor,
               "letters": list(plan.letters), "seeds": list(plan.seeds), "arms": arms,
@@ -167,9 +169,11 @@ def render_markdown(report: dict) -> str:
         label = f"{label} ({ext})" if r["metric"] in ("fid", "class_accuracy") else label
         arrow = "↓" if better == "lower" else "↑"
         title = f"{r['title']}, {r['case']}" if r["case"] else r["title"]
+        other = r["loser"]["arm"] if r["loser_metric"] == r["metric"] else \
+            f"{r['loser']['arm']} ({METRICS[r['loser_metric']][0]})"
         lines.append(f"| {r['ablation']} | {title} | {label} {arrow} | {r['paper']} | "
                      f"{r['winner']['arm']}: {_cell(r['winner'])} | "
-                     f"{r['loser']['arm']}: {_cell(r['loser'])} | {r['verdict']} |")
+                     f"{other}: {_cell(r['loser'])} | {r['verdict']} |")
     for t in report["tables"]:
         lines += ["", f"## ({t['ablation']}) {t['title']}", "",
                   "| " + " | ".join(t["columns"]) + " |",
@@ -183,8 +187,10 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {name} | {', '.join(a['ablations'])} | {a['description']} | "
                      f"{a['steps']['value']:.0f} | {a['train_flops']['value']:.3e} |")
     lines += ["", "Training FLOPs = 3 x forward FLOPs per image x batch x steps of the generator "
-              "(rae_core.models.model_flops_per_image); arms of one ablation are matched to "
-              "the same budget by steps (and, for the plain DiT, depth).", "",
+              "(rae_core.models.model_flops_per_image; HART's counted by torch's "
+              "FlopCounterMode, rae_core.ablations.compute.scalewise_flops_per_image); arms of "
+              "one ablation are matched to the same budget by steps (and, for the plain DiT, "
+              "depth).", "",
               f"Wall time: {report['wall_s']['value'] / 60:.1f} min.", ""]
     return "\n".join(lines)
 
