@@ -442,7 +442,8 @@ def _numbers(node, path=""):
         yield path, None
 
 
-E2E_LETTERS = ["d", "f", "g"]
+# g (HART) has its own unit tests and smoke run (docs/benchmarks.md); here it would add minutes
+E2E_LETTERS = ["d", "f"]
 
 
 @pytest.mark.e2e
@@ -469,7 +470,7 @@ def test_smoke_ablation_end_to_end(tmp_path):
     md = (out / "report.md").read_text()
     assert sorted({ln[2] for ln in _verdict_rows(md)}) == E2E_LETTERS
     assert all((out / "plots" / f"{x}.png").exists() for x in E2E_LETTERS)
-    assert (out / "plots" / "f-curve.png").exists() and (out / "plots" / "g-curve.png").exists()
+    assert (out / "plots" / "f-curve.png").exists()
     report_ = json.loads((out / "report.json").read_text())
     assert {r["ablation"] for r in report_["claims"]} == set(E2E_LETTERS)
     # row (f): the final FIDs of the three arms, and the compute and autoencoder tables
@@ -482,17 +483,8 @@ def test_smoke_ablation_end_to_end(tmp_path):
     assert "| f | RAE latents vs VAE latents, equal FLOPs, DiT's recipe: DiT/2 and DDPM |" in md
     assert {t["title"] for t in report_["tables"]} == {
         "training compute to reach the VAE flow arm's final FID",
-        "the autoencoders side by side", "quality against sampling speed at equal training FLOPs"}
-    assert set(report_["curves"]) == {"rae-flow", "vae-flow", "vae-ddpm", "hart"}
-    # row (g): the tokenizer's two reconstructions, the head on and off, HART's speed vs RAE's
-    g_rows = {(r["winner"]["arm"], r["loser"]["arm"], r["metric"], r["loser_metric"])
-              for r in report_["claims"] if r["ablation"] == "g"}
-    assert g_rows == {("hart", "hart-tokens", "rfid", "rfid_discrete"),
-                      ("hart", "hart-tokens", "recon_psnr", "recon_psnr_discrete"),
-                      ("hart", "hart-tokens", "fid", "fid"),
-                      ("hart", "hart-tokens", "class_accuracy", "class_accuracy"),
-                      ("hart", "rae-flow", "images_per_s", "images_per_s")}
-    assert report_["arms"]["rae-flow"]["ablations"] == "fg"
+        "the autoencoders side by side"}
+    assert set(report_["curves"]) == {"rae-flow", "vae-flow", "vae-ddpm"}
     for arm, points in report_["curves"].items():
         assert len(points) == latents.SIZES["smoke"].checkpoints, arm
 
