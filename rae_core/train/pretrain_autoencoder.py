@@ -109,7 +109,7 @@ def train_loop(config: dict) -> dict:
         generator_loss,
         hinge_d_loss,
     )
-    from rae_core.train.decoder import evaluate_reconstruction
+    from rae_core.train.decoder import evaluate_reconstruction, validation_images
     from rae_core.train.runner import worker_setup
 
     cfg, paths, run_dir = from_dict(config["cfg"]), Paths.at(config["root"]), Path(config["run_dir"])
@@ -118,10 +118,7 @@ def train_loop(config: dict) -> dict:
     torch.manual_seed(cfg.seed)
     root = paths.dataset(cfg.data.root)
     source = ImageSource(root, "train", cfg.data.resolution)
-    val = ImageSource(root, "val", cfg.data.resolution)
-    pick = torch.linspace(0, len(val) - 1, min(512, len(val))).long()  # spread over classes
-    val_images = val.images[pick] if val.images is not None else \
-        torch.stack([val.dataset[int(i)][0] for i in pick])
+    val_images = validation_images(cfg, paths)
     recipe = VQRecipe(cfg) if cfg.autoencoder.kind == "hybrid-vq" else KLRecipe(cfg)
     model = recipe.model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=(0.9, 0.95),
