@@ -26,7 +26,7 @@ from rae_core.drift import compare, raise_on_drift, report_markdown, report_rows
 from rae_core.locking import project_lock
 from rae_core.paths import Paths
 from rae_core.presets import load_config
-from rae_core.train.common import write_json
+from rae_core.store import write_json
 
 log = logging.getLogger(__name__)
 KIND = "reproduce"

@@ -154,7 +154,7 @@ def build_decoder_for(cfg: Config, paths: Paths, encoder: nn.Module) -> nn.Modul
 
 def load_decoder(cfg: Config, paths: Paths, encoder: nn.Module,
                  device: torch.device | str = "cpu") -> nn.Module:
-    from rae_core.train.common import safe_load
+    from rae_core.store import safe_load
 
     dec = build_decoder_for(cfg, paths, encoder)
     state = safe_load(paths.decoder_dir / "decoder.pt")

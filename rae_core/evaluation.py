@@ -39,7 +39,7 @@ from rae_core.metrics import (
 from rae_core.metrics.domain import predict
 from rae_core.metrics.features import as_float_images
 from rae_core.paths import Paths
-from rae_core.train.common import write_json
+from rae_core.store import write_json
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 
 from rae_core.config import Config, from_dict
 from rae_core.paths import Paths
-from rae_core.train.common import write_json
+from rae_core.store import write_json
 
 log = logging.getLogger(__name__)
 

@@ -85,7 +85,7 @@ def load_generator(path: Path, latent_shape, num_classes: int) -> nn.Module:
     """An EMA checkpoint ({'model', 'name', 'overrides'}; a scale-wise one also 'tokens') as an
     eval-mode model; also AutoGuidance's weak model."""
     from rae_core.models import build_model
-    from rae_core.train.common import safe_load
+    from rae_core.store import safe_load
 
     state = safe_load(path)
     if "tokens" in state:

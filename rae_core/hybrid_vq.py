@@ -394,7 +394,7 @@ class TokenizerDecoder(nn.Module):
 
 
 def save_tokenizer(tokenizer: HybridTokenizer, name: str, path: Path) -> None:
-    from rae_core.train.common import atomic_save
+    from rae_core.store import atomic_save
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"model": tokenizer.state_dict(), "name": name,
@@ -405,7 +405,7 @@ def load_tokenizer(name: str, config: TokenizerConfig, weights: str | Path,
                    setting: str = "encoder.weights") -> HybridTokenizer:
     """A tokenizer of `config` from a local file: a checkpoint pretrain-encoder wrote
     ({'model', 'name', 'config'}) or a bare state dict in this module's layout."""
-    from rae_core.train.common import safe_load
+    from rae_core.store import safe_load
 
     path = Path(weights).expanduser()
     if not path.is_file():

@@ -16,7 +16,7 @@ import torch
 
 from rae_core.config import Config
 from rae_core.paths import Paths
-from rae_core.train.common import write_json
+from rae_core.store import write_json
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def stats(cfg: Config, paths: Paths) -> dict:
 
 def _extract_shard(cfg_dict: dict, root: str, start: int, end: int, path: str) -> str:
     from rae_core.config import from_dict
-    from rae_core.train.common import atomic_save
+    from rae_core.store import atomic_save
 
     cfg = from_dict(cfg_dict)
     z, y = _encode_range(cfg_dict, root, start, end, both_flips=True)

@@ -21,7 +21,7 @@ from rae_core.hybrid_vq import (
     tokenizer_parts,
 )
 from rae_core.presets import load_config
-from rae_core.train.common import atomic_save
+from rae_core.store import atomic_save
 from rae_core.validate import check_registries
 
 HART = {"autoencoder": {"kind": "hybrid-vq"}, "encoder": {"name": "vq-micro"},

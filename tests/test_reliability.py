@@ -14,7 +14,8 @@ from rae_core.errors import DataError
 from rae_core.locking import ProjectBusyError, project_lock
 from rae_core.paths import Paths
 from rae_core.presets import load_config
-from rae_core.train.common import Checkpointer, safe_load
+from rae_core.store import safe_load
+from rae_core.train.common import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOP = ("import json, logging, sys; logging.basicConfig(level=logging.INFO); "

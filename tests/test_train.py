@@ -4,14 +4,8 @@ import pytest
 import torch
 
 from rae_core.models import build_model
-from rae_core.train.common import (
-    EMA,
-    atomic_save,
-    check_finite,
-    safe_load,
-    warmup_constant_linear,
-    warmup_cosine,
-)
+from rae_core.store import atomic_save, safe_load
+from rae_core.train.common import EMA, check_finite, warmup_constant_linear, warmup_cosine
 from rae_core.train.generator import accumulate_gradients
 from rae_core.transport import Transport
 

@@ -16,28 +16,9 @@ import torch
 from torch import nn
 
 from rae_core.errors import DataError
+from rae_core.store import atomic_save, safe_load
 
 log = logging.getLogger(__name__)
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file, then rename: an interrupted write keeps the old file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def safe_load(path: str | Path) -> Any:
-    """torch.load with weights_only=True; a damaged file raises DataError naming it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found; run the stage that writes it first") from None
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise DataError(f"{path}: cannot be loaded ({type(e).__name__}); delete it and re-run "
-                        "the stage that writes it") from None
 
 
 class Checkpointer:
@@ -90,14 +71,6 @@ def kill_drill(stage: str, step: int, run_dir: Path) -> None:
     marker.touch()
     log.warning("RAE_KILL_AT=%s: killing this process (pid %d)", target, os.getpid())
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 class EMA:

@@ -18,16 +18,15 @@ from rae_core.autoencoder import build_decoder_for, load_encoder
 from rae_core.config import Config, from_dict
 from rae_core.data.folder import ImageSource
 from rae_core.paths import Paths
+from rae_core.store import atomic_save, write_json
 from rae_core.train.common import (
     EMA,
     Checkpointer,
     MetricsLog,
-    atomic_save,
     average_gradients,
     check_finite,
     set_lr,
     warmup_cosine,
-    write_json,
 )
 from rae_core.train.sampler import batch_indices, rank_slice, step_seed
 

@@ -19,11 +19,11 @@ from rae_core.autoencoder import load_decoder, load_encoder, load_stats, stats_i
 from rae_core.config import Config, from_dict
 from rae_core.data.latents import OnlineSource, ShardSource
 from rae_core.paths import Paths
+from rae_core.store import atomic_save
 from rae_core.train.common import (
     EMA,
     Checkpointer,
     MetricsLog,
-    atomic_save,
     check_finite,
     set_lr,
     warmup_constant_linear,

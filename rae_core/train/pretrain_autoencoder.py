@@ -25,6 +25,7 @@ import torch
 from rae_core.config import Config, from_dict
 from rae_core.data.folder import ImageSource
 from rae_core.paths import Paths
+from rae_core.store import write_json
 from rae_core.train.common import (
     Checkpointer,
     MetricsLog,
@@ -32,7 +33,6 @@ from rae_core.train.common import (
     check_finite,
     set_lr,
     warmup_cosine,
-    write_json,
 )
 from rae_core.train.sampler import batch_indices, rank_slice, step_seed
 

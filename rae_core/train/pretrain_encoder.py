@@ -11,10 +11,10 @@ import torch
 from rae_core.config import Config, from_dict
 from rae_core.data.folder import ImageSource
 from rae_core.paths import Paths
+from rae_core.store import atomic_save
 from rae_core.train.common import (
     Checkpointer,
     MetricsLog,
-    atomic_save,
     average_gradients,
     check_finite,
     set_lr,
@@ -69,7 +69,7 @@ def train_loop(config: dict) -> dict:
 
 def run(cfg: Config, paths: Paths) -> dict:
     from rae_core.autoencoder import needs_pretraining
-    from rae_core.train.common import write_json
+    from rae_core.store import write_json
     from rae_core.train.runner import fit
 
     paths.encoder_dir.mkdir(parents=True, exist_ok=True)
