@@ -9,7 +9,6 @@ now, tolerance and verdict. The first run of a configuration records itself as i
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -71,8 +70,8 @@ def reproduce_flow(preset: str, root: str | None = None,
     """Re-run `preset` (plus `overrides`) from scratch; fail when a metric drifts."""
     project = Path(root or ".").resolve()
     cfg = load_config(None, preset, list(overrides or []))
-    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
-        cfg.tracking, experiment=cfg.schedule.experiment))
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+        update={"experiment": cfg.schedule.experiment})})
     slot = project / "runs" / "reproduce" / preset
     work = slot / "run"
     with project_lock(slot, f"reproduce {preset}"):
@@ -89,7 +88,7 @@ def _judge(cfg: Config, project: Path, work: Path, now: dict[str, float]) -> dic
     base = _baseline(cfg.tracking.experiment, key)
     run_id = tracking.start_run(cfg, work, f"reproduce-{cfg.preset}", tags=tags)
     tracking.log_numbers(run_id, now)
-    tolerances = dataclasses.asdict(cfg.schedule.tolerance)
+    tolerances = cfg.schedule.tolerance.model_dump()
     if base is None:
         tracking.client().set_tag(run_id, "rae.baseline", "true")
         checks, title = compare(now, now, tolerances), f"{cfg.preset}: recorded as the baseline"

@@ -1,68 +1,77 @@
 """Typed schema of params.yaml.
 
-Every section is a dataclass whose defaults are the embedded default (`tiny` preset). Loading
-validates a nested dict against the schema: unknown keys, wrong types and out-of-range values
-raise ConfigError with one line naming the key, the bad value and what would be valid.
+Every section is a pydantic model whose defaults are the embedded default (`tiny` preset).
+Loading validates a nested dict against the schema: unknown keys, wrong types and out-of-range
+values raise ConfigError with one line naming the key, the bad value and what would be valid.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import json
 import re
 import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
+
+from annotated_types import Ge, Gt, Le
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from rae_core.errors import ConfigError
 
-
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
-    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _f(default: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False):
-    return field(default=default, metadata=_range(lo, hi, lo_open=lo_open))
+def _float_string(value: Any) -> Any:
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads `1e-4` as a string
+    return value
 
 
-@dataclass
-class DataConfig:
+_T = TypeVar("_T")
+# Strict float (ints are accepted, bools are not) that also takes a numeric string.
+Float = Annotated[float, BeforeValidator(_float_string)]
+# Strict list that also takes a tuple, as params built in Python may hold one.
+ListOf = Annotated[list[_T], BeforeValidator(lambda v: list(v) if isinstance(v, tuple) else v)]
+
+
+class _Schema(BaseModel):
+    # strict: an int field refuses 1.5, "3" and True; a str field refuses numbers
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DataConfig(_Schema):
     dataset: Literal["digits", "folder"] = "digits"
     source: str | None = None  # an existing image folder (train/, val/ with class sub-folders)
     root: str = "data/dataset"  # where `prepare` materialises the digits or links `source`
-    resolution: int = _f(32, 8, 2048)
-    val_fraction: float = _f(0.2, 0.0, 0.9, lo_open=True)
-    num_classes: int = _f(10, 1, 100000)
+    resolution: int = Field(32, ge=8, le=2048)
+    val_fraction: Float = Field(0.2, gt=0.0, le=0.9)
+    num_classes: int = Field(10, ge=1, le=100000)
     # Horizontal flips as augmentation of the generator's data (ADM/ImageNet: on). Off for
     # digits, where a mirrored 2 is not a 2.
     hflip: bool = False
 
 
-@dataclass
-class PretrainConfig:
+class PretrainConfig(_Schema):
     """MAE pretraining of the small encoder (only for encoders the platform pretrains itself)."""
 
-    steps: int = _f(400, 1)
-    batch_size: int = _f(128, 1)
-    lr: float = _f(1.5e-3, 0.0, lo_open=True)
-    weight_decay: float = _f(0.05, 0.0)
-    warmup_steps: int = _f(40, 0)
-    mask_ratio: float = _f(0.75, 0.0, 0.99)
-    ckpt_every: int = _f(200, 1)
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: Float = Field(1.5e-3, gt=0.0)
+    weight_decay: Float = Field(0.05, ge=0.0)
+    warmup_steps: int = Field(40, ge=0)
+    mask_ratio: Float = Field(0.75, ge=0.0, le=0.99)
+    ckpt_every: int = Field(200, ge=1)
 
 
-@dataclass
-class EncoderConfig:
+class EncoderConfig(_Schema):
     name: str = "mae-tiny"
     weights: str | None = None  # local weights file; None = pretrained here (mae-*) or hub cache
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
 
-@dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(_Schema):
     """The family of the latent space: `rae` (frozen representation encoder + ViT decoder, the
     paper), `vae` (a diffusers AutoencoderKL, DiT's recipe) or `hybrid-vq` (HART's multi-scale
     VQ tokenizer whose latent keeps the continuous residual). For `vae` and `hybrid-vq`,
@@ -72,93 +81,88 @@ class AutoencoderConfig:
     kind: Literal["rae", "vae", "hybrid-vq"] = "rae"
     config: str | None = None  # vae: local diffusers config folder for a single-file checkpoint
     # vae: latents are multiplied by this; None = 1/std measured by `stats` (SD-VAE: 0.18215)
-    scale: float | None = _f(None, 0.0, lo_open=True)
-    kl_weight: float = _f(1e-6, 0.0)  # vae pretraining: weight of the KL term beside L1
+    scale: Float | None = Field(None, gt=0.0)
+    kl_weight: Float = Field(1e-6, ge=0.0)  # vae pretraining: weight of the KL term beside L1
     finetune_decoder: bool = False  # vae: train-decoder fine-tunes the decoder (SD's ft-EMA)
     # hybrid-vq: the registered tokenizer's vocabulary, latent channels and token-map sides
     # (the last = the latent's side), replaced where set
-    vocab: int | None = _f(None, 2)
-    channels: int | None = _f(None, 1)
-    scales: list[int] | None = None
+    vocab: int | None = Field(None, ge=2)
+    channels: int | None = Field(None, ge=1)
+    scales: ListOf[int] | None = None
     # hybrid-vq, train-decoder (HART's phase 2): the share of samples decoded from the hybrid
     # latent (discrete + residual) instead of the discrete one
-    hybrid_prob: float = _f(0.5, 0.0, 1.0)
+    hybrid_prob: Float = Field(0.5, ge=0.0, le=1.0)
 
 
-@dataclass
-class StatsConfig:
-    batch_size: int = _f(256, 1)
-    shards: int = _f(2, 1)  # parallel workers; the merge is exact whatever the count
+class StatsConfig(_Schema):
+    batch_size: int = Field(256, ge=1)
+    shards: int = Field(2, ge=1)  # parallel workers; the merge is exact whatever the count
 
 
-@dataclass
-class ExtractConfig:
+class ExtractConfig(_Schema):
     enabled: bool = True  # False: training stages encode images on the fly
-    batch_size: int = _f(256, 1)
-    shard_size: int = _f(512, 1)
+    batch_size: int = Field(256, ge=1)
+    shard_size: int = Field(512, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
-@dataclass
-class GanConfig:
+class GanConfig(_Schema):
     disc: Literal["small", "dino"] = "small"
     disc_weights: str | None = None  # local DINO ViT-S/8 weights for disc = dino
-    weight: float = _f(0.75, 0.0)
-    disc_start_step: int = _f(300, 0)
-    gen_start_step: int = _f(400, 0)
-    disc_lr: float = _f(2e-4, 0.0, lo_open=True)
+    weight: Float = Field(0.75, ge=0.0)
+    disc_start_step: int = Field(300, ge=0)
+    gen_start_step: int = Field(400, ge=0)
+    disc_lr: Float = Field(2e-4, gt=0.0)
     diffaug: bool = True
 
 
-@dataclass
-class DecoderConfig:
+class DecoderConfig(_Schema):
     model: str = "ViT-tiny"
-    patch_size: int = _f(8, 1)
-    noise_tau: float = _f(0.8, 0.0)
+    patch_size: int = Field(8, ge=1)
+    noise_tau: Float = Field(0.8, ge=0.0)
     noise_law: Literal["paper", "reference"] = "paper"
-    steps: int = _f(600, 1)
-    batch_size: int = _f(64, 1)
-    lr: float = _f(1e-3, 0.0, lo_open=True)
-    min_lr: float = _f(1e-4, 0.0)
-    warmup_steps: int = _f(40, 0)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    weight_decay: float = _f(0.0, 0.0)
-    ema: float = _f(0.99, 0.0, 1.0)
-    lpips_weight: float = _f(0.0, 0.0)  # no VGG weights offline: L1 + GAN in the embedded default
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: Float = Field(1e-3, gt=0.0)
+    min_lr: Float = Field(1e-4, ge=0.0)
+    warmup_steps: int = Field(40, ge=0)
+    betas: ListOf[Float] = Field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: Float = Field(0.0, ge=0.0)
+    ema: Float = Field(0.99, ge=0.0, le=1.0)
+    lpips_weight: Float = Field(0.0, ge=0.0)  # no VGG weights offline: L1 + GAN in the embedded default
     lpips_weights: str | None = None  # local torchvision vgg16 state dict for LPIPS
-    gan: GanConfig = field(default_factory=GanConfig)
-    eval_every: int = _f(300, 1)
-    ckpt_every: int = _f(200, 1)
+    gan: GanConfig = Field(default_factory=GanConfig)
+    eval_every: int = Field(300, ge=1)
+    ckpt_every: int = Field(200, ge=1)
 
 
-@dataclass
-class GeneratorConfig:
+class GeneratorConfig(_Schema):
     """The generator and its objective: `flow` (flow matching, RAE's DiT / DiT-DH), `ddpm`
     (IDDPM Gaussian diffusion with learned variance, DiT's recipe) or `hart` (a scale-wise
     autoregressive VAR / HART over a hybrid-vq tokenizer's tokens)."""
 
     kind: Literal["flow", "ddpm", "hart"] = "flow"
     model: str = "DiTDH-tiny"
-    hidden: int | None = _f(None, 1)  # overrides of the registered config (ablations)
-    depth: int | None = _f(None, 1)
-    heads: int | None = _f(None, 1)
-    patch: int | None = _f(None, 1)  # a token is a patch x patch square (2 on a 4x8x8 VAE latent)
-    head_hidden: int | None = _f(None, 1)  # DiT-DH: the width of its head
-    steps: int = _f(800, 1)
-    batch_size: int = _f(128, 1)  # global batch, split across workers and accumulation steps
-    grad_accum: int = _f(1, 1)
-    lr: float = _f(2e-3, 0.0, lo_open=True)
-    min_lr: float = _f(1e-4, 0.0)
-    warmup_steps: int = _f(100, 0)
-    decay_start_step: int = _f(400, 0)  # constant lr until here, then linear decay to min_lr
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    weight_decay: float = _f(0.0, 0.0)
-    ema: float = _f(0.995, 0.0, 1.0)
-    grad_clip: float = _f(1.0, 0.0)
+    hidden: int | None = Field(None, ge=1)  # overrides of the registered config (ablations)
+    depth: int | None = Field(None, ge=1)
+    heads: int | None = Field(None, ge=1)
+    patch: int | None = Field(None, ge=1)  # a token is a patch x patch square (2 on a 4x8x8 VAE latent)
+    head_hidden: int | None = Field(None, ge=1)  # DiT-DH: the width of its head
+    steps: int = Field(800, ge=1)
+    batch_size: int = Field(128, ge=1)  # global batch, split across workers and accumulation steps
+    grad_accum: int = Field(1, ge=1)
+    lr: Float = Field(2e-3, gt=0.0)
+    min_lr: Float = Field(1e-4, ge=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    decay_start_step: int = Field(400, ge=0)  # constant lr until here, then linear decay to min_lr
+    betas: ListOf[Float] = Field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: Float = Field(0.0, ge=0.0)
+    ema: Float = Field(0.995, ge=0.0, le=1.0)
+    grad_clip: Float = Field(1.0, ge=0.0)
     time_dist: Literal["logit_normal", "uniform"] = "logit_normal"
-    shift_base: float = _f(4096.0, 1.0)
-    shift: float | None = _f(None, 0.0, lo_open=True)  # None = sqrt(tokens * channels / base)
-    label_dropout: float = _f(0.1, 0.0, 1.0)
+    shift_base: Float = Field(4096.0, ge=1.0)
+    shift: Float | None = Field(None, gt=0.0)  # None = sqrt(tokens * channels / base)
+    label_dropout: Float = Field(0.1, ge=0.0, le=1.0)
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     latents: Literal["shards", "online"] = "shards"
@@ -166,11 +170,11 @@ class GeneratorConfig:
     # each a per-token mean; the head learns residual / residual_scale (None = 3 x the
     # residual's RMS, measured by `stats`, so it lies in the [-1, 1] its sampler clips to);
     # MAR's masking trains the head on a random 50-100 % of the last-scale positions
-    residual_weight: float = _f(1.0, 0.0)
-    residual_scale: float | None = _f(None, 0.0, lo_open=True)
-    mask_ratio: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    sample_every: int = _f(400, 1)
-    ckpt_every: int = _f(200, 1)
+    residual_weight: Float = Field(1.0, ge=0.0)
+    residual_scale: Float | None = Field(None, gt=0.0)
+    mask_ratio: ListOf[Float] = Field(default_factory=lambda: [0.5, 1.0])
+    sample_every: int = Field(400, ge=1)
+    ckpt_every: int = Field(200, ge=1)
 
     def overrides(self) -> dict[str, int]:
         """The registered model config's width, depth, heads, patch and DiT-DH head width
@@ -180,93 +184,86 @@ class GeneratorConfig:
         return {k: v for k, v in pairs if v is not None}
 
 
-@dataclass
-class SampleConfig:
-    num_per_class: int = _f(50, 1)
+class SampleConfig(_Schema):
+    num_per_class: int = Field(50, ge=1)
     # flow: euler/heun; ddpm: ddpm/ddim; hart: scalewise (next-scale tokens, then the head)
     sampler: Literal["euler", "heun", "ddpm", "ddim", "scalewise"] = "euler"
     # ODE steps (flow), respaced diffusion steps (ddpm), the residual head's steps (hart)
-    steps: int = _f(50, 2)
+    steps: int = Field(50, ge=2)
     guidance: Literal["none", "cfg", "autoguidance"] = "cfg"
-    scale: float = _f(5.0, 0.0)
-    interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    scale: Float = Field(5.0, ge=0.0)
+    interval: ListOf[Float] = Field(default_factory=lambda: [0.0, 1.0])
     weak_model: str | None = None  # AutoGuidance: a checkpoint file of a weaker/earlier model
     # CFG on every latent channel, or only on the first 3 of 4 as DiT's reference code does
     cfg_channels: Literal["all", "first3"] = "all"
     # hart: top-k / top-p filtering of the token logits (0 / 1.0: off), and the residual head
     # on (HART) or off (discrete tokens only, VAR's output)
-    top_k: int = _f(0, 0)
-    top_p: float = _f(1.0, 0.0, 1.0, lo_open=True)
+    top_k: int = Field(0, ge=0)
+    top_p: Float = Field(1.0, gt=0.0, le=1.0)
     residual: bool = True
-    batch_size: int = _f(250, 1)
-    shard_size: int = _f(250, 1)
-    seed: int = _f(0, 0)
+    batch_size: int = Field(250, ge=1)
+    shard_size: int = Field(250, ge=1)
+    seed: int = Field(0, ge=0)
 
 
-@dataclass
-class EvaluateConfig:
+class EvaluateConfig(_Schema):
     extractor: Literal["domain", "inception"] = "domain"
     inception_weights: str | None = None  # local inception-2015-12-05.pt for extractor = inception
-    classifier_epochs: int = _f(15, 1)
-    pr_k: int = _f(3, 1)
-    curve_per_class: int = _f(10, 0)  # samples per class for FID at each checkpoint; 0 = off
-    batch_size: int = _f(250, 1)
+    classifier_epochs: int = Field(15, ge=1)
+    pr_k: int = Field(3, ge=1)
+    curve_per_class: int = Field(10, ge=0)  # samples per class for FID at each checkpoint; 0 = off
+    batch_size: int = Field(250, ge=1)
 
 
-@dataclass
-class RayConfig:
-    num_workers: int = _f(1, 1)
+class RayConfig(_Schema):
+    num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: int = _f(1, 1)
+    cpus_per_worker: int = Field(1, ge=1)
     # How long a driver on an autoscaling cluster waits for the nodes it asked for; 0 stops at
     # once when the cluster is smaller than num_workers x cpus_per_worker.
-    scale_up_timeout_s: float = _f(0.0, 0.0)
+    scale_up_timeout_s: Float = Field(0.0, ge=0.0)
 
 
-@dataclass
-class TrackingConfig:
+class TrackingConfig(_Schema):
     experiment: str = "rae"
 
 
-@dataclass
-class ToleranceConfig:
+class ToleranceConfig(_Schema):
     """How far a reproduction's metric may lie from its baseline (absolute) before it drifts."""
 
-    fid: float = _f(0.5, 0.0)
-    precision: float = _f(0.03, 0.0)
-    recall: float = _f(0.03, 0.0)
-    class_accuracy: float = _f(0.02, 0.0)
-    recon_psnr: float = _f(0.3, 0.0)
-    rfid: float = _f(0.5, 0.0)
+    fid: Float = Field(0.5, ge=0.0)
+    precision: Float = Field(0.03, ge=0.0)
+    recall: Float = Field(0.03, ge=0.0)
+    class_accuracy: Float = Field(0.02, ge=0.0)
+    recon_psnr: Float = Field(0.3, ge=0.0)
+    rfid: Float = Field(0.5, ge=0.0)
 
 
-@dataclass
-class ScheduleConfig:
+class ScheduleConfig(_Schema):
     nightly: str = "0 3 * * *"  # cron of the `smoke` reproducibility run
     weekly: str = "0 4 * * 0"  # cron of the `tiny` reproducibility run
     experiment: str = "rae-reproduce"  # reproductions stay off the leaderboard's experiment
-    tolerance: ToleranceConfig = field(default_factory=ToleranceConfig)
+    tolerance: ToleranceConfig = Field(default_factory=ToleranceConfig)
 
 
-@dataclass
-class Config:
+class Config(_Schema):
     preset: str = "tiny"
-    seed: int = _f(0, 0)
-    data: DataConfig = field(default_factory=DataConfig)
-    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    stats: StatsConfig = field(default_factory=StatsConfig)
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    seed: int = Field(0, ge=0)
+    data: DataConfig = Field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    stats: StatsConfig = Field(default_factory=StatsConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, as logged to MLflow."""
@@ -277,6 +274,44 @@ class Config:
         d = self.to_dict()
         picked = {s: d[s] for s in sections} if sections else d
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Config:
+        # ValueError, so that pydantic reports it; from_dict turns it into a ConfigError
+        if self.data.dataset == "folder" and not self.data.source:
+            raise ValueError("data.source: null is not valid with data.dataset=folder; "
+                             "give the path of an image folder with train/ and val/ sub-folders")
+        g, s = self.generator, self.sample
+        if g.batch_size % (g.grad_accum * self.ray.num_workers):
+            raise ValueError(f"generator.batch_size: {g.batch_size} is not divisible by "
+                             f"generator.grad_accum x ray.num_workers = "
+                             f"{g.grad_accum * self.ray.num_workers}")
+        lo, hi = s.interval if len(s.interval) == 2 else (None, None)
+        if lo is None or not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"sample.interval: {s.interval!r} is not valid; "
+                             "expected [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1")
+        samplers = SAMPLERS[g.kind]
+        if s.sampler not in samplers:
+            raise ValueError(f"sample.sampler: {s.sampler!r} is not valid with "
+                             f"generator.kind={g.kind}; expected one of {', '.join(samplers)}")
+        if g.kind in ("ddpm", "hart") and s.guidance == "autoguidance":
+            raise ValueError(f"sample.guidance: 'autoguidance' is not valid with generator.kind="
+                             f"{g.kind}; expected 'none' or 'cfg'")
+        if (g.kind == "hart") != (self.autoencoder.kind == "hybrid-vq"):
+            raise ValueError(f"generator.kind: {g.kind!r} is not valid with "
+                             f"autoencoder.kind={self.autoencoder.kind}; 'hart' generates the "
+                             "tokens of a 'hybrid-vq' tokenizer, and only it")
+        lo, hi = g.mask_ratio if len(g.mask_ratio) == 2 else (None, None)
+        if lo is None or not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"generator.mask_ratio: {g.mask_ratio!r} is not valid; "
+                             "expected [lo, hi] with 0 < lo <= hi <= 1")
+        if s.guidance == "autoguidance" and not s.weak_model:
+            raise ValueError("sample.weak_model: null is not valid with "
+                             "sample.guidance=autoguidance; give a checkpoint file of the weaker model")
+        return self
+
+
+SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddpm", "ddim"), "hart": ("scalewise",)}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -290,131 +325,90 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+def from_dict(data: dict) -> Config:
+    """Validate a nested dict (params.yaml) into a Config; missing keys take their defaults."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        # pydantic reports every error; the first in the input's key order is the one named
+        first = min(e.errors(), key=lambda err: _position(data, err["loc"]))
+        raise ConfigError(_message(data, first)) from None
+
+
+def _position(data: Any, loc: tuple) -> list[int]:
+    """Where `loc` lies in the input: the index of each of its keys (or items) in turn."""
+    pos, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            pos.append(list(node).index(part))
+        elif isinstance(node, list | tuple) and isinstance(part, int):
+            pos.append(part)
+        else:
+            break
+        node = node[part]
+    return pos
+
+
+def _message(data: Any, err: dict) -> str:
+    """One line for a pydantic error: the dotted key, the bad value and what would be valid."""
+    if err["type"] == "value_error" and not err["loc"]:
+        return str(err["ctx"]["error"])  # a cross-field check of Config
+    cls, path, rest, value = Config, [], list(err["loc"]), data
+    while rest and isinstance(cls, type) and rest[0] in cls.model_fields:
+        path.append(rest.pop(0))
+        info = cls.model_fields[path[-1]]
+        cls, value = info.annotation, value[path[-1]]
+    key = ".".join(path)
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        if not rest:
+            return f"{key or 'params'}: expected a mapping, got {value!r}"
+        prefix = key + "." if key else ""
+        close = difflib.get_close_matches(str(rest[0]), list(cls.model_fields), n=1)
+        hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+        valid = ", ".join(prefix + k for k in cls.model_fields)
+        return f"{prefix}{rest[0]}: unknown key{hint} (valid keys: {valid})"
+    if err["type"] in ("greater_than", "greater_than_equal", "less_than_equal"):
+        value = float(err["input"]) if _base(cls) is float else err["input"]
+        left, lo, hi = "[", "-inf", "inf"
+        for m in info.metadata:
+            if isinstance(m, Ge):
+                lo = m.ge
+            elif isinstance(m, Gt):
+                left, lo = "(", m.gt
+            elif isinstance(m, Le):
+                hi = m.le
+        return f"{key}: {value!r} is out of range; valid values lie in {left}{lo}, {hi}]"
+    if rest and typing.get_origin(cls) is list:  # one item of a list (not of an optional one)
+        value, cls = err["input"], typing.get_args(cls)[0]
+    return f"{key}: {value!r} is not valid; expected {_type_name(cls)}"
+
+
+def _is_union(tp: Any) -> bool:
+    return isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+
+
+def _base(tp: Any) -> Any:
+    """The type under Annotated and `| None`."""
+    if typing.get_origin(tp) is Annotated:
+        return _base(typing.get_args(tp)[0])
+    if _is_union(tp):
+        return _base(next(a for a in typing.get_args(tp) if a is not type(None)))
+    return tp
 
 
 def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
+    if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+    if _is_union(tp):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
-    if typing.get_origin(tp) is list:
+    if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-    elif isinstance(tp, types.UnionType) or origin is typing.Union:
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif origin is list:
-        if isinstance(value, list | tuple):
-            return [_coerce(v, typing.get_args(tp)[0], key) for v in value]
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads `1e-4` as a string
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{key}: {value!r} is not valid; expected {_type_name(tp)}")
-
-
-def _check_range(value: Any, meta: Any, key: str) -> None:
-    lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open")
-    if value is None or (lo is None and hi is None):
-        return
-    low_bad = lo is not None and (value <= lo if lo_open else value < lo)
-    high_bad = hi is not None and value > hi
-    if low_bad or high_bad:
-        left = "(" if lo_open else "["
-        rng = f"{left}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        raise ConfigError(f"{key}: {value!r} is out of range; valid values lie in {rng}")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'params'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-            valid = ", ".join(prefix + k for k in fields)
-            raise ConfigError(f"{dotted}: unknown key{hint} (valid keys: {valid})")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, dotted + ".")
-        else:
-            kwargs[key] = _coerce(value, tp, dotted)
-            _check_range(kwargs[key], fields[key].metadata, dotted)
-    return cls(**kwargs)
-
-
-def from_dict(data: dict) -> Config:
-    """Validate a nested dict (params.yaml) into a Config; missing keys take their defaults."""
-    cfg = _build(Config, data, "")
-    _check_consistency(cfg)
-    return cfg
-
-
-SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddpm", "ddim"), "hart": ("scalewise",)}
-
-
-def _check_consistency(cfg: Config) -> None:
-    if cfg.data.dataset == "folder" and not cfg.data.source:
-        raise ConfigError("data.source: null is not valid with data.dataset=folder; "
-                          "give the path of an image folder with train/ and val/ sub-folders")
-    if cfg.generator.batch_size % (cfg.generator.grad_accum * cfg.ray.num_workers):
-        raise ConfigError(f"generator.batch_size: {cfg.generator.batch_size} is not divisible by "
-                          f"generator.grad_accum x ray.num_workers = "
-                          f"{cfg.generator.grad_accum * cfg.ray.num_workers}")
-    lo, hi = cfg.sample.interval if len(cfg.sample.interval) == 2 else (None, None)
-    if lo is None or not 0.0 <= lo < hi <= 1.0:
-        raise ConfigError(f"sample.interval: {cfg.sample.interval!r} is not valid; "
-                          "expected [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1")
-    samplers = SAMPLERS[cfg.generator.kind]
-    if cfg.sample.sampler not in samplers:
-        raise ConfigError(f"sample.sampler: {cfg.sample.sampler!r} is not valid with "
-                          f"generator.kind={cfg.generator.kind}; expected one of "
-                          f"{', '.join(samplers)}")
-    if cfg.generator.kind in ("ddpm", "hart") and cfg.sample.guidance == "autoguidance":
-        raise ConfigError(f"sample.guidance: 'autoguidance' is not valid with generator.kind="
-                          f"{cfg.generator.kind}; expected 'none' or 'cfg'")
-    if (cfg.generator.kind == "hart") != (cfg.autoencoder.kind == "hybrid-vq"):
-        raise ConfigError(f"generator.kind: {cfg.generator.kind!r} is not valid with "
-                          f"autoencoder.kind={cfg.autoencoder.kind}; 'hart' generates the tokens "
-                          "of a 'hybrid-vq' tokenizer, and only it")
-    lo, hi = cfg.generator.mask_ratio if len(cfg.generator.mask_ratio) == 2 else (None, None)
-    if lo is None or not 0.0 < lo <= hi <= 1.0:
-        raise ConfigError(f"generator.mask_ratio: {cfg.generator.mask_ratio!r} is not valid; "
-                          "expected [lo, hi] with 0 < lo <= hi <= 1")
-    if cfg.sample.guidance == "autoguidance" and not cfg.sample.weak_model:
-        raise ConfigError("sample.weak_model: null is not valid with sample.guidance=autoguidance; "
-                          "give a checkpoint file of the weaker model")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

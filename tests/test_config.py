@@ -1,3 +1,6 @@
+import json
+import math
+import pickle
 import subprocess
 import sys
 import time
@@ -86,6 +89,148 @@ def test_fingerprint_tracks_only_the_named_sections():
     assert a.fingerprint() != b.fingerprint()
 
 
+# Computed before the schema moved to pydantic: checkpoints and outputs are keyed by these.
+@pytest.mark.parametrize("preset, sections, key", [
+    (None, (), "104c8e60ec75"),
+    (None, ("generator",), "18e5eafd29ab"),
+    ("tiny", (), "37c94aea8494"),
+    ("smoke", (), "747849135eed"),
+    ("smoke", ("data", "seed"), "d178d271a953"),
+    ("smoke", ("data", "autoencoder", "encoder", "decoder", "seed"), "5120a22d2ae8"),
+    ("imagenet256-hart", (), "31371d7cd3ca"),
+    ("imagenet256-hart", ("generator",), "a9b226fe0a5c"),
+])
+def test_fingerprints_are_stable(preset, sections, key):
+    cfg = Config() if preset is None else load_config(None, preset)
+    assert cfg.fingerprint(*sections) == key
+
+
+def test_fingerprint_of_float_overrides_given_as_ints_and_strings_is_stable():
+    cfg = load_config(None, "tiny", ["generator.lr=1e-4", "sample.interval=[0, 1]"])
+    assert cfg.sample.interval == [0.0, 1.0] and cfg.fingerprint() == "d6ef41d94897"
+
+
+GAN_KEYS = ("decoder.gan.disc, decoder.gan.disc_weights, decoder.gan.weight, "
+               "decoder.gan.disc_start_step, decoder.gan.gen_start_step, decoder.gan.disc_lr, "
+               "decoder.gan.diffaug")
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"decoder": {"gan": {"weigth": 1}}},
+     f"decoder.gan.weigth: unknown key; did you mean decoder.gan.weight? (valid keys: {GAN_KEYS})"),
+    ({"decoder": {"gan": {"zzz": 1}}}, f"decoder.gan.zzz: unknown key (valid keys: {GAN_KEYS})"),
+    ({"decoder": {"gan": {"disc_start_step": 1.5}}},
+     "decoder.gan.disc_start_step: 1.5 is not valid; expected int"),
+    ({"decoder": {"gan": {"disc": "big"}}},
+     "decoder.gan.disc: 'big' is not valid; expected one of 'small', 'dino'"),
+    ({"decoder": {"gan": {"disc_weights": 3}}},
+     "decoder.gan.disc_weights: 3 is not valid; expected str or null"),
+    ({"decoder": {"gan": {"weight": -1}}},
+     "decoder.gan.weight: -1.0 is out of range; valid values lie in [0.0, inf]"),
+    ({"decoder": {"gan": {"disc_lr": "0"}}},
+     "decoder.gan.disc_lr: 0.0 is out of range; valid values lie in (0.0, inf]"),
+    ({"schedule": {"tolerance": {"fid": -0.5}}},
+     "schedule.tolerance.fid: -0.5 is out of range; valid values lie in [0.0, inf]"),
+    ({"data": {"resolution": 4096}},
+     "data.resolution: 4096 is out of range; valid values lie in [8, 2048]"),
+    ({"generator": {"shift": 0}}, "generator.shift: 0.0 is out of range; valid values lie in (0.0, inf]"),
+    ({"generator": {"lr": math.nan}}, "generator.lr: nan is out of range; valid values lie in (0.0, inf]"),
+    ({"generator": {"hidden": 0}}, "generator.hidden: 0 is out of range; valid values lie in [1, inf]"),
+    ({"decoder": {"gan": 3}}, "decoder.gan: expected a mapping, got 3"),
+    ({"decoder": None}, "decoder: expected a mapping, got None"),
+    ([1], "params: expected a mapping, got [1]"),
+    ({"generator": {"betas": [0.9, "x"]}}, "generator.betas: 'x' is not valid; expected float"),
+    ({"generator": {"betas": 0.9}}, "generator.betas: 0.9 is not valid; expected a list of float"),
+    ({"autoencoder": {"scales": [1, "x"]}},
+     "autoencoder.scales: [1, 'x'] is not valid; expected a list of int or null"),
+    ({"autoencoder": {"scale": True}}, "autoencoder.scale: True is not valid; expected float or null"),
+])
+def test_errors_read_as_one_exact_line(data, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict(data)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("key, value, kind", [
+    ("generator.steps", 1.5, "int"), ("generator.steps", "3", "int"), ("generator.steps", True, "int"),
+    ("generator.steps", 3.0, "int"), ("generator.lr", True, "float"), ("generator.lr", "1e-4x", "float"),
+    ("generator.lr", "inf", "float"), ("generator.compile", 1, "bool"),
+    ("generator.compile", "yes", "bool"), ("generator.model", 3, "str"), ("preset", 1.5, "str"),
+])
+def test_types_are_strict(key, value, kind):
+    section, name = key.rsplit(".", 1) if "." in key else (None, key)
+    data = {section: {name: value}} if section else {name: value}
+    with pytest.raises(ConfigError) as err:
+        from_dict(data)
+    assert str(err.value) == f"{key}: {value!r} is not valid; expected {kind}"
+
+
+def test_floats_take_ints_numeric_strings_and_tuples():
+    cfg = from_dict({"generator": {"lr": " 1e-4 ", "min_lr": 0, "betas": (0.9, "0.99")},
+                     "sample": {"interval": [0, 1]}})
+    assert cfg.generator.lr == 1e-4 and isinstance(cfg.generator.min_lr, float)
+    assert cfg.generator.betas == [0.9, 0.99] and cfg.sample.interval == [0.0, 1.0]
+    assert all(isinstance(v, float) for v in cfg.sample.interval)
+
+
+def test_the_first_error_in_key_order_is_named():
+    assert _error({"generator": {"steps": "x", "lr": -1}}).startswith("generator.steps:")
+    assert _error({"generator": {"lr": -1, "steps": "x"}}).startswith("generator.lr:")
+    assert _error({"sample": {"steps": 0}, "generator": {"stepz": 1}}).startswith("sample.steps:")
+    assert _error({"generator": {"stepz": 1}, "sample": {"steps": 0}}).startswith("generator.stepz:")
+    assert _error({"generator": {"betas": ["a", "b"]}}) == \
+        "generator.betas: 'a' is not valid; expected float"
+
+
+def _error(data) -> str:
+    with pytest.raises(ConfigError) as err:
+        from_dict(data)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"data": {"dataset": "folder", "source": ""}},
+     "data.source: null is not valid with data.dataset=folder; give the path of an image folder "
+     "with train/ and val/ sub-folders"),
+    ({"ray": {"num_workers": 3}},
+     "generator.batch_size: 128 is not divisible by generator.grad_accum x ray.num_workers = 3"),
+    ({"sample": {"interval": [0.5]}},
+     "sample.interval: [0.5] is not valid; expected [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1"),
+    ({"generator": {"kind": "ddpm"}},
+     "sample.sampler: 'euler' is not valid with generator.kind=ddpm; expected one of ddpm, ddim"),
+    ({"generator": {"kind": "ddpm"}, "sample": {"sampler": "ddim", "guidance": "autoguidance"}},
+     "sample.guidance: 'autoguidance' is not valid with generator.kind=ddpm; expected 'none' or 'cfg'"),
+    ({"generator": {"kind": "hart"}, "sample": {"sampler": "scalewise"}},
+     "generator.kind: 'hart' is not valid with autoencoder.kind=rae; 'hart' generates the tokens "
+     "of a 'hybrid-vq' tokenizer, and only it"),
+    ({"generator": {"mask_ratio": [0.7, 0.5]}},
+     "generator.mask_ratio: [0.7, 0.5] is not valid; expected [lo, hi] with 0 < lo <= hi <= 1"),
+    ({"sample": {"guidance": "autoguidance"}},
+     "sample.weak_model: null is not valid with sample.guidance=autoguidance; give a checkpoint "
+     "file of the weaker model"),
+])
+def test_cross_field_errors_read_as_before(data, message):
+    assert _error(data) == message
+
+
+def test_configs_pickle_and_give_a_json_schema():
+    cfg = load_config(None, "smoke-hart", ["generator.steps=3"])
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    assert Config.model_validate_json(cfg.model_dump_json()) == cfg
+    schema = Config.model_json_schema()
+    lr = schema["$defs"]["GeneratorConfig"]["properties"]["lr"]
+    assert lr["type"] == "number" and lr["exclusiveMinimum"] == 0.0
+    assert schema["$defs"]["GeneratorConfig"]["additionalProperties"] is False
+
+
+def test_to_dict_is_plain_and_ordered_as_the_schema():
+    d = Config().to_dict()
+    assert list(d) == ["preset", "seed", "data", "autoencoder", "encoder", "stats", "extract",
+                       "decoder", "generator", "sample", "evaluate", "ray", "tracking", "schedule"]
+    assert type(d["encoder"]["pretrain"]) is dict and json.loads(json.dumps(d)) == d
+    assert Config().flat()["schedule.tolerance.fid"] == 0.5
+
+
 def _rae(*args, cwd):
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
@@ -105,6 +250,17 @@ def test_cli_refuses_a_dit_narrower_than_the_latent(tmp_path):
                "--set", "generator.hidden=16", cwd=tmp_path)
     assert res.returncode == 2
     assert "width" in res.stderr and "generator.model" in res.stderr
+
+
+@pytest.mark.parametrize("override, line", [
+    ("x.y=bad", "rae: error: x: unknown key (valid keys: preset, seed, data, autoencoder, encoder, "
+                "stats, extract, decoder, generator, sample, evaluate, ray, tracking, schedule)"),
+    ("generator.lr=-1", "rae: error: generator.lr: -1.0 is out of range; valid values lie in (0.0, inf]"),
+])
+def test_cli_params_refuses_a_bad_value_with_exit_code_2(tmp_path, override, line):
+    res = _rae("params", "--set", override, cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == line
+    assert not (tmp_path / "params.yaml").exists()
 
 
 def test_cli_params_writes_a_preset(tmp_path):
