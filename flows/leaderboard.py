@@ -36,6 +36,13 @@ def rows(experiment: str) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: (r["group"], r["fid"]))
 
 
+COLUMNS = ("rank", "fid", "precision", "recall", "class_accuracy", "images_per_s", "family",
+           "model", "encoder", "steps", "sampler", "sampling_steps", "guidance", "scale",
+           "preset", "run_id")
+NUMERIC = {"rank", "fid", "precision", "recall", "class_accuracy", "images_per_s", "steps",
+           "sampling_steps", "scale"}
+
+
 def render(board: list[dict[str, Any]], top: int, fmt: str) -> str:
     groups: dict[str, list[dict]] = {}
     for r in board:
@@ -45,21 +52,39 @@ def render(board: list[dict[str, Any]], top: int, fmt: str) -> str:
         return json.dumps(groups, indent=1)
     if not groups:
         return "no evaluations yet: run `rae run` (or `make demo`) first"
-    cols = ["rank", "fid", "precision", "recall", "class_accuracy", "images_per_s", "family",
-            "model", "encoder", "steps",
-            "sampler", "sampling_steps", "guidance", "scale", "preset", "run_id"]
-    blocks = []
-    for g, rs in groups.items():
-        table = [[str(i + 1)] + [_fmt(r.get(c, "")) for c in cols[1:]] for i, r in enumerate(rs)]
-        if fmt == "md":
-            lines = [f"### {g}", "", "| " + " | ".join(cols) + " |",
-                     "|" + "---|" * len(cols)] + ["| " + " | ".join(x) + " |" for x in table]
-        else:
-            widths = [max(len(c), *(len(x[i]) for x in table)) for i, c in enumerate(cols)]
-            fmt_row = "  ".join(f"{{:<{w}}}" for w in widths).format
-            lines = [g, fmt_row(*cols)] + [fmt_row(*x) for x in table]
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    tables = {g: [[str(i + 1)] + [_fmt(r.get(c, "")) for c in COLUMNS[1:]]
+                  for i, r in enumerate(rs)] for g, rs in groups.items()}
+    if fmt == "md":
+        return "\n\n".join("\n".join([f"### {g}", "", "| " + " | ".join(COLUMNS) + " |",
+                                       "|" + "---|" * len(COLUMNS)] +
+                                      ["| " + " | ".join(x) + " |" for x in table])
+                           for g, table in tables.items())
+    return _rich_tables(tables)
+
+
+def _rich_tables(tables: dict[str, list[list[str]]]) -> str:
+    """One rich table per group, best first (in bold); coloured and fitted to the terminal when
+    stdout is one, plain and never wrapped otherwise."""
+    import io
+    import shutil
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    tty = sys.stdout.isatty()
+    console = Console(file=io.StringIO(), force_terminal=tty,
+                      width=shutil.get_terminal_size().columns if tty else 1000)
+    for i, (g, rows) in enumerate(tables.items()):
+        table = Table(title=g, title_justify="left", title_style="bold")
+        for c in COLUMNS:
+            table.add_column(c, justify="right" if c in NUMERIC else "left")
+        for rank, row in enumerate(rows):
+            table.add_row(*row, style="bold green" if rank == 0 else None)
+        if i:
+            console.print()
+        console.print(table)
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())
 
 
 def _fmt(v: Any) -> str:

@@ -4,6 +4,7 @@ from the stage's JSON-lines log while it runs, artifacts, registered models, the
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -140,14 +141,19 @@ def system_metrics(run_id: str, interval_s: float = 10.0):
 
 
 class MetricsForwarder:
-    """Tails a stage's JSON-lines log into its MLflow run, live, from a background thread."""
+    """Tails a stage's JSON-lines log into its MLflow run, live, from a background thread; the
+    log lines of its Ray workers are logged again here, where the Prefect run's logs get them,
+    and a training stage's steps (of `steps` configured) move a progress bar."""
 
-    def __init__(self, run_id: str, path: Path, interval: float = 2.0):
-        self.run_id, self.path, self.interval = run_id, path, interval
+    def __init__(self, run_id: str, path: Path, interval: float = 2.0, steps: int | None = None):
+        self.run_id, self.path, self.interval, self.steps = run_id, path, interval, steps
         self.offset = 0
         self.first_time: float | None = None
+        self._bar = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        # in the caller's context: the Prefect task run that the worker lines belong to
+        self._thread = threading.Thread(target=contextvars.copy_context().run,
+                                        args=(self._loop,), daemon=True)
 
     def __enter__(self) -> MetricsForwarder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +165,8 @@ class MetricsForwarder:
         self._stop.set()
         self._thread.join()
         self.flush()
+        if self._bar is not None:
+            self._bar.close()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -177,30 +185,49 @@ class MetricsForwarder:
             lines = f.readlines()
         complete = [ln for ln in lines if ln.endswith("\n")]
         self.offset += sum(len(ln) for ln in complete)
-        metrics, c = [], client()
+        metrics = []
         for ln in complete:
             rec = json.loads(ln)
+            if "log" in rec:
+                r = rec["log"]
+                logging.getLogger(r["logger"]).log(logging.getLevelName(r["level"]),
+                                                   "[rank %d] %s", r["rank"], r["message"])
+                continue
             if self.first_time is None:
                 self.first_time = rec["time"]
             if "metrics" in rec:
                 ts = int(rec["time"] * 1000)
                 metrics += [Metric(k, v, ts, rec["step"]) for k, v in rec["metrics"].items()]
+                self._advance(rec["step"])
             elif "artifact" in rec:
-                c.log_artifact(self.run_id, rec["artifact"], artifact_path="images")
+                client().log_artifact(self.run_id, rec["artifact"], artifact_path="images")
             elif "event" in rec:
-                c.set_tag(self.run_id, "rae.event", rec["event"])
+                client().set_tag(self.run_id, "rae.event", rec["event"])
         for i in range(0, len(metrics), 1000):
-            c.log_batch(self.run_id, metrics=metrics[i: i + 1000])
+            client().log_batch(self.run_id, metrics=metrics[i: i + 1000])
+
+    def _advance(self, step: int) -> None:
+        if self.steps is None:
+            return
+        if self._bar is None:
+            from flows.console import progress
+
+            self._bar = progress(self.steps, self.path.stem, unit="step")
+        self._bar.update(max(0, step - self._bar.n))
 
 
 def register(run_id: str, model, name: str, tags: dict[str, str]) -> str:
-    """Log a model to the run and register it; returns the new version."""
+    """Log a model to the run and register it; returns the new version. `model` is a torch
+    module (logged by mlflow.pytorch) or a function that logs one to the active run and
+    registers it under the name it is given, returning MLflow's ModelInfo."""
     import mlflow
     import mlflow.pytorch
+    from torch import nn
 
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id):  # the logged model is the run's output
         info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                        registered_model_name=name)
+                                        registered_model_name=name) \
+            if isinstance(model, nn.Module) else model(name)
     version = str(info.registered_model_version)
     c = client()
     for k, v in tags.items():

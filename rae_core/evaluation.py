@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from rae_core.config import Config
-from rae_core.data.folder import ImageFolderDataset, iter_split, load_split
+from rae_core.data.folder import ImageFolderDataset, load_split
 from rae_core.metrics import (
     DomainExtractor,
     FeatureStats,
@@ -112,11 +113,15 @@ def reference_from_split(root: str | Path, resolution: int, extractor, chunk: in
     log.info("reference statistics (%s): %d training images in chunks of %d, every %d-th kept "
              "for precision/recall", extractor.name, len(dataset), chunk, stride)
     acc, kept, start = StatsAccumulator(extractor.name), [], 0
+    bar = tqdm(total=len(dataset), desc="reference features", unit="img", disable=None,
+               leave=False)
     for images, _ in dataset.chunks(chunk):
         feats = extractor(images)
         acc.update(feats)
         kept.append(feats[(-start) % stride::stride])  # global indices 0, stride, 2 stride, ...
         start += len(images)
+        bar.update(len(images))
+    bar.close()
     return Reference(acc.stats(), np.concatenate(kept))
 
 
@@ -158,7 +163,8 @@ def sample_metrics(images: np.ndarray, labels: np.ndarray, extractor, ref: Refer
     """gFID, precision/recall, class accuracy (domain) and IS (`logits`: Inception) of uint8
     (N, H, W, 3) samples, converted to float and scored `chunk` images at a time."""
     acc, feats, scores, correct = StatsAccumulator(extractor.name), [], [], 0
-    for i in range(0, len(images), chunk):
+    for i in tqdm(range(0, len(images), chunk), desc="sample features", unit="chunk",
+                  disable=None, leave=False):
         x = as_float_images(images[i: i + chunk])
         feats.append(extractor(x))
         acc.update(feats[-1])
@@ -183,13 +189,17 @@ def reconstruction_metrics(root: str | Path, resolution: int, extractor,
     domain classifier's accuracy on it), streamed `chunk` images at a time."""
     real, recon = StatsAccumulator(extractor.name), StatsAccumulator(extractor.name)
     psnr_sum, correct = 0.0, 0
-    for images, labels in iter_split(root, "val", resolution, chunk):
+    val = ImageFolderDataset(root, "val", resolution)
+    bar = tqdm(total=len(val), desc="reconstructions", unit="img", disable=None, leave=False)
+    for images, labels in val.chunks(chunk):
         recs = reconstruct(images)
         real.update(extractor(images))
         recon.update(extractor(recs))
         psnr_sum += psnr(recs, images) * len(images)
         if clf is not None:
             correct += int((predict(clf, images) == labels.numpy()).sum())
+        bar.update(len(images))
+    bar.close()
     m = {"rfid": frechet_distance(real.stats(), recon.stats()), "recon_psnr": psnr_sum / real.n}
     if clf is not None:
         m["classifier_val_accuracy"] = correct / real.n
@@ -212,7 +222,8 @@ def fid_curve(cfg: Config, paths: Paths, extractor, ref: FeatureStats) -> list[d
     y = balanced_labels(cfg.evaluate.curve_per_class, cfg.data.num_classes)
     noise = torch.randn((len(y), *shape), generator=torch.Generator().manual_seed(s.seed))
     curve = []
-    for ckpt in sorted(checkpoint_dir(cfg, paths).glob("ema-step*.pt")):
+    for ckpt in tqdm(sorted(checkpoint_dir(cfg, paths).glob("ema-step*.pt")),
+                     desc="FID per checkpoint", unit="ckpt", disable=None, leave=False):
         model = load_generator(ckpt, shape, cfg.data.num_classes)
         g = torch.Generator().manual_seed(s.seed + 1)  # DDPM: the same draws for every step
         acc = StatsAccumulator(extractor.name)

@@ -78,7 +78,7 @@ def run(cfg: Config, paths: Paths) -> dict:
     names = [out / f"shard-{i:05d}.npz" for i in range(len(shards))]
     todo = [(cfg.to_dict(), str(paths.root), i, lab, str(p))
             for i, (lab, p) in enumerate(zip(shards, names, strict=True)) if not p.exists()]
-    map_shards(_shard, todo, cfg)
+    map_shards(_shard, todo, cfg, desc="sample")
     parts = [np.load(p) for p in names]
     images = np.concatenate([p["images"] for p in parts])
     ys = np.concatenate([p["labels"] for p in parts])
@@ -109,8 +109,10 @@ def device_name(device: torch.device) -> str:
 
 def _write_pngs(images: np.ndarray, labels: np.ndarray, folder: Path) -> None:
     from PIL import Image
+    from tqdm import tqdm
 
-    for i, (im, y) in enumerate(zip(images, labels, strict=True)):
+    for i, (im, y) in enumerate(tqdm(zip(images, labels, strict=True), total=len(images),
+                                     desc="PNG files", unit="img", disable=None, leave=False)):
         d = folder / str(int(y))
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(im).save(d / f"{i:06d}.png")

@@ -1,8 +1,11 @@
 """The champion alias: the best registered version under the most thorough evaluation
-protocol, never taken by a small evaluation from a better model measured on more samples."""
+protocol, never taken by a small evaluation from a better model measured on more samples; the
+leaderboard's table, ranked by FID within each group of comparable evaluations."""
+
+import json
 
 from flows import tracking
-from flows.leaderboard import crown_champion, rows
+from flows.leaderboard import crown_champion, render, rows
 from rae_core.presets import load_config
 
 NAME = "rae-generator-digits-32"
@@ -52,3 +55,43 @@ def test_a_small_evaluation_does_not_take_the_alias_from_a_better_measured_model
 def test_no_scored_version_leaves_the_alias_alone(local_mlflow, tmp_path):
     _evaluation(tmp_path, "", 500, 5.0)  # an evaluation of no registered version
     assert crown_champion("rae", NAME, "digits", "32", "rae/flow") is None
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """The cells of a rich table's rows (header first), without the box drawing."""
+    return [[c.strip() for c in line.strip("│┃").split("│" if "│" in line else "┃")]
+            for line in text.splitlines() if line.startswith(("│", "┃"))]
+
+
+def test_the_table_ranks_each_group_by_fid_with_its_columns_and_values(local_mlflow, tmp_path):
+    _evaluation(tmp_path, 1, 500, 5.0)
+    _evaluation(tmp_path, 2, 500, 2.5, family="vae/ddpm")
+    _evaluation(tmp_path, 3, 500, 9.125)
+    _evaluation(tmp_path, 4, 50, 1.0)  # fewer samples: a group of its own
+    board = rows("rae")
+    text = render(board, 10, "table")
+    groups = [line for line in text.splitlines() if line.startswith("dataset=")]
+    assert groups == ["dataset=digits / resolution=32 / extractor=domain / num_samples=50",
+                      "dataset=digits / resolution=32 / extractor=domain / num_samples=500"]
+    small, large = text.split(groups[1])
+    header, *ranked = _table_rows(large)
+    assert header == ["rank", "fid", "precision", "recall", "class_accuracy", "images_per_s",
+                      "family", "model", "encoder", "steps", "sampler", "sampling_steps",
+                      "guidance", "scale", "preset", "run_id"]
+    cell = {name: i for i, name in enumerate(header)}
+    assert [(r[cell["rank"]], r[cell["fid"]], r[cell["family"]]) for r in ranked] == [
+        ("1", "2.5", "vae/ddpm"), ("2", "5", "rae/flow"), ("3", "9.125", "rae/flow")]
+    assert [r[cell["run_id"]] for r in ranked] == [
+        r["run_id"][:12] for r in board if r["num_samples"] == "500"]
+    assert [r[cell["fid"]] for r in _table_rows(small)[1:]] == ["1"]
+    # --top keeps the best of each group; json and md keep their formats
+    assert len(_table_rows(render(board, 1, "table").split(groups[1])[1])) == 2
+    as_json = json.loads(render(board, 10, "json"))
+    assert [r["fid"] for r in as_json[groups[1]]] == [2.5, 5.0, 9.125]
+    md = render(board, 10, "md").splitlines()
+    assert md[0] == f"### {groups[0]}" and md[2].startswith("| rank | fid | precision |")
+    assert md[3] == "|" + "---|" * 16
+
+
+def test_without_evaluations_the_table_says_how_to_get_one():
+    assert render([], 10, "table") == "no evaluations yet: run `rae run` (or `make demo`) first"

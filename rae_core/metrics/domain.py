@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from rae_core.errors import WeightsMissingError
 from rae_core.metrics.features import as_float_images, batched
@@ -125,7 +126,8 @@ def train_domain_classifier(train_images: torch.Tensor | np.ndarray,
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
         model.train()
-        for epoch in range(epochs):
+        for epoch in tqdm(range(epochs), desc="domain classifier", unit="epoch",
+                          disable=None, leave=False):
             order = torch.randperm(len(x), generator=g)
             for i in range(0, len(x), batch_size):
                 idx = order[i: i + batch_size]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 
 def _sq_dists(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
@@ -19,12 +20,15 @@ def _sq_dists(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0)  # cancellation can dip slightly below zero
 
 
-def _blocks(a: np.ndarray, batch: int) -> Iterator[np.ndarray]:
+def _blocks(a: np.ndarray, batch: int, bar: tqdm | None = None) -> Iterator[np.ndarray]:
     for i in range(0, len(a), batch):
         yield a[i: i + batch]
+        if bar is not None:
+            bar.update()
 
 
-def knn_radii(feats: np.ndarray, k: int, batch: int = 1000) -> np.ndarray:
+def knn_radii(feats: np.ndarray, k: int, batch: int = 1000, bar: tqdm | None = None
+              ) -> np.ndarray:
     """Squared distance of every point to its k-th nearest other point of the same set."""
     if len(feats) <= k:
         raise ValueError(f"need more than k = {k} points for k-NN radii, got {len(feats)}")
@@ -32,14 +36,15 @@ def knn_radii(feats: np.ndarray, k: int, batch: int = 1000) -> np.ndarray:
     # Column 0 of each sorted row is the point itself (distance 0), so index k is the k-th
     # neighbour proper.
     return np.concatenate([np.partition(_sq_dists(blk, feats, sq), k, axis=1)[:, k]
-                           for blk in _blocks(feats, batch)])
+                           for blk in _blocks(feats, batch, bar)])
 
 
-def _coverage(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, batch: int) -> float:
+def _coverage(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, batch: int,
+              bar: tqdm | None = None) -> float:
     """Fraction of points inside at least one ball (centre, radius)."""
     sq = (centres * centres).sum(axis=1)
     inside = [(_sq_dists(blk, centres, sq) <= radii[None, :]).any(axis=1)
-              for blk in _blocks(points, batch)]
+              for blk in _blocks(points, batch, bar)]
     return float(np.concatenate(inside).mean())
 
 
@@ -51,6 +56,9 @@ def precision_recall(real_feats: np.ndarray, fake_feats: np.ndarray, k: int = 3,
     """
     real = np.asarray(real_feats, dtype=np.float64)
     fake = np.asarray(fake_feats, dtype=np.float64)
-    precision = _coverage(fake, real, knn_radii(real, k, batch), batch)
-    recall = _coverage(real, fake, knn_radii(fake, k, batch), batch)
+    blocks = 2 * (-(-len(real) // batch) + -(-len(fake) // batch))  # each set is read twice
+    with tqdm(total=blocks, desc="precision/recall", unit="block", disable=None,
+              leave=False) as bar:
+        precision = _coverage(fake, real, knn_radii(real, k, batch, bar), batch, bar)
+        recall = _coverage(real, fake, knn_radii(fake, k, batch, bar), batch, bar)
     return precision, recall

@@ -3,6 +3,7 @@ Ray tasks. A local Ray sized to the machine starts on first use; RAY_ADDRESS joi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -12,6 +13,7 @@ from typing import Any
 
 from rae_core.config import Config
 from rae_core.errors import ConfigError, DataError
+from rae_core.paths import Paths
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +104,9 @@ def fit(name: str, loop: Callable[[dict], Any], loop_config: dict, cfg: Config,
     from ray.train.torch import TorchTrainer
 
     ensure_ray(cfg)
+    stage = name.rsplit("-", 1)[0]  # run names are <stage>-<fingerprint>
     trainer = TorchTrainer(
-        loop,
+        logging_to(Paths.at(loop_config["root"]).metrics_log(stage), loop),
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
@@ -154,14 +157,24 @@ def check_dataset_on_workers(root: Path, setting: str, cfg: Config) -> None:
     compare_dataset_views(dataset_view(str(root)), ray.get(probe.remote(str(root))), setting)
 
 
-def map_shards(fn: Callable[..., Any], shard_args: list[tuple], cfg: Config) -> list[Any]:
-    """fn(*args) for every shard as Ray tasks, one thread each; results in shard order."""
+def map_shards(fn: Callable[..., Any], shard_args: list[tuple], cfg: Config,
+               desc: str | None = None) -> list[Any]:
+    """fn(*args) for every shard as Ray tasks, one thread each; results in shard order. A
+    progress bar (`desc`, default: fn's name) counts the shards as they finish."""
     import ray
+    from tqdm import tqdm
 
     ensure_ray(cfg)
     remote = ray.remote(num_cpus=1, num_gpus=1 if cfg.ray.use_gpu else 0,
                         max_retries=2)(_single_thread(fn))
-    return ray.get([remote.remote(*args) for args in shard_args])
+    refs = [remote.remote(*args) for args in shard_args]
+    pending = refs
+    with tqdm(total=len(refs), desc=desc or fn.__name__.strip("_"), unit="shard",
+              disable=None, leave=False) as bar:
+        while pending:
+            done, pending = ray.wait(pending)
+            bar.update(len(ray.get(done)))  # get: a failed shard raises now, not at the end
+    return ray.get(refs)
 
 
 def _single_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -172,6 +185,44 @@ def _single_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn(*args)
 
     run.__name__ = getattr(fn, "__name__", "shard")
+    return run
+
+
+class StageLogHandler(logging.Handler):
+    """A worker's log records as JSON lines in its stage's log, which the driver tails
+    (flows/tracking.py) into the Prefect run's logs: Ray keeps the output of workers from the
+    driver (log_to_driver=False)."""
+
+    def __init__(self, path: Path, rank: int):
+        super().__init__(logging.INFO)
+        self.path, self.rank = Path(path), rank
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = json.dumps({"time": record.created, "log": {
+                "level": record.levelname, "logger": record.name, "rank": self.rank,
+                "message": self.format(record)}})
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+        except Exception:  # noqa: BLE001 - logging must never break the loop
+            self.handleError(record)
+
+
+def logging_to(path: Path, loop: Callable[[dict], Any]) -> Callable[[dict], Any]:
+    """`loop` with the worker's rae_core logs (INFO and up) appended to the stage log `path`."""
+    def run(config: dict) -> Any:
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank() if _in_ray_train() else 0
+        logger, handler = logging.getLogger("rae_core"), StageLogHandler(path, rank)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            return loop(config)
+        finally:
+            logger.removeHandler(handler)
+
+    run.__name__ = getattr(loop, "__name__", "loop")
     return run
 
 
