@@ -18,6 +18,7 @@ from rae_core.autoencoder import build_decoder_for, load_encoder
 from rae_core.config import Config, from_dict
 from rae_core.data.folder import ImageSource
 from rae_core.paths import Paths
+from rae_core.plots import LossCurve, write_empty
 from rae_core.store import atomic_save, write_json
 from rae_core.train.common import (
     EMA,
@@ -101,6 +102,7 @@ def train_loop(config: dict) -> dict:
     start = ckpt.resume(model=decoder, ema=ema.model, opt=opt, disc=disc, opt_d=opt_d)
     if start:
         metrics.event(start, f"resumed at step {start}")
+    curve = LossCurve(paths, "train-decoder", run_dir, start, enabled=rank == 0)
     for step in range(start, d.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
@@ -146,8 +148,10 @@ def train_loop(config: dict) -> dict:
             metrics.metrics(done, l1=l1.item(), lpips=lp.item(), gan_loss=gan_loss.item(),
                             gan_lambda=float(lam), disc_loss=d_loss.item(),
                             psnr=batch_psnr.item(), lr=lr)
+            curve.add(done, loss.item())
         if rank == 0 and (done % d.ckpt_every == 0 or done == d.steps):
             ckpt.save(done, model=decoder, ema=ema.model, opt=opt, disc=disc, opt_d=opt_d)
+            curve.write()
         if rank == 0 and (done % d.eval_every == 0 or done == d.steps):
             vx = val_images[:256].to(device)
             ev = evaluate_reconstruction(encoder, ema.model, vx)
@@ -158,6 +162,7 @@ def train_loop(config: dict) -> dict:
             path = save_png(grid(torch.cat([shown, recs]), nrow=16),
                             run_dir / f"reconstructions-step{done:07d}.png", upscale=2)
             metrics.artifact(done, path)
+    curve.write()
     summary: dict = {"steps": d.steps, "resumed_at": start}
     if rank == 0:
         summary.update(evaluate_reconstruction(encoder, ema.model, val_images.to(device)))
@@ -173,6 +178,7 @@ def keep_vae_decoder(cfg: Config, paths: Paths) -> dict:
     summary = {"steps": 0, "finetuned": False,
                **evaluate_reconstruction(encoder, decoder, validation_images(cfg, paths))}
     save_decoder(cfg, paths, encoder, decoder, summary)
+    write_empty(paths, "train-decoder")
     return summary
 
 

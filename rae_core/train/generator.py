@@ -19,6 +19,7 @@ from rae_core.autoencoder import load_decoder, load_encoder, load_stats, stats_i
 from rae_core.config import Config, from_dict
 from rae_core.data.latents import OnlineSource, ShardSource
 from rae_core.paths import Paths
+from rae_core.plots import LossCurve
 from rae_core.store import atomic_save
 from rae_core.train.common import (
     EMA,
@@ -95,6 +96,7 @@ def train_loop(config: dict) -> dict:
     start = ckpt.resume(model=model, ema=ema.model, opt=opt)
     if start:
         metrics.event(start, f"resumed at step {start}")
+    curve = LossCurve(paths, "train-generator", run_dir, start, enabled=rank == 0)
     loss_fn = objective(cfg, latent_shape)
     net = model
     if world > 1:
@@ -131,14 +133,17 @@ def train_loop(config: dict) -> dict:
             terms = {k: float(v) for k, v in getattr(loss_fn, "terms", {}).items()}
             metrics.metrics(done, loss=step_loss.item(), lr=lr, grad_norm=float(grad_norm),
                             **terms)
+            curve.add(done, step_loss.item())
         if rank == 0 and (done % d.ckpt_every == 0 or done == d.steps):
             atomic_save({"model": ema.model.state_dict(), "step": done, "name": d.model,
                          "overrides": cfg.generator.overrides(), "latent_shape": list(latent_shape),
                          **meta}, run_dir / f"ema-step{done:07d}.pt")
             ckpt.save(done, model=model, ema=ema.model, opt=opt)
+            curve.write()
         if decoder is not None and (done % d.sample_every == 0 or done == d.steps):
             path = _sample_grid(cfg, ema.model, decoder, stats, latent_shape, done, run_dir)
             metrics.artifact(done, path)
+    curve.write()
     shift = latent_shift(cfg, latent_shape) if d.kind == "flow" else None
     summary = {"steps": d.steps, "resumed_at": start, "shift": shift,
                "final_loss": float(step_loss), "params": sum(p.numel() for p in model.parameters())}

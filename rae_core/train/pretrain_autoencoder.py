@@ -25,6 +25,7 @@ import torch
 from rae_core.config import Config, from_dict
 from rae_core.data.folder import ImageSource
 from rae_core.paths import Paths
+from rae_core.plots import LossCurve, write_empty
 from rae_core.store import write_json
 from rae_core.train.common import (
     Checkpointer,
@@ -137,6 +138,7 @@ def train_loop(config: dict) -> dict:
     start = ckpt.resume(**states)
     if start:
         metrics.event(start, f"resumed at step {start}")
+    curve = LossCurve(paths, "pretrain-encoder", run_dir, start, enabled=rank == 0)
     zero = torch.zeros((), device=device)
     for step in range(start, p.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))  # also draws the posterior sample
@@ -183,8 +185,11 @@ def train_loop(config: dict) -> dict:
                 extra.update(gan_loss=gan_loss.item(), gan_lambda=float(lam),
                              disc_loss=d_loss.item())
             metrics.metrics(done, l1=l1.item(), psnr=psnr.item(), lr=lr, **reg_metrics, **extra)
+            curve.add(done, loss.item())
         if rank == 0 and (done % p.ckpt_every == 0 or done == p.steps):
             ckpt.save(done, **states)
+            curve.write()
+    curve.write()
     summary: dict = {"steps": p.steps, "resumed_at": start}
     if rank == 0:
         encoder, decoder = recipe.parts()
@@ -220,6 +225,7 @@ def run(cfg: Config, paths: Paths) -> dict:
         info = {"skipped": True, "reason": f"{cfg.encoder.name} uses the given weights "
                 f"{cfg.encoder.weights}"}
         write_json(paths.encoder_dir / "summary.json", info)
+        write_empty(paths, "pretrain-encoder")
         return info
     fp = fingerprint(cfg)
     run_dir = paths.checkpoints / f"pretrain-encoder-{fp}"

@@ -11,6 +11,7 @@ import torch
 from rae_core.config import Config, from_dict
 from rae_core.data.folder import ImageSource
 from rae_core.paths import Paths
+from rae_core.plots import LossCurve, write_empty
 from rae_core.store import atomic_save
 from rae_core.train.common import (
     Checkpointer,
@@ -43,6 +44,7 @@ def train_loop(config: dict) -> dict:
     start = ckpt.resume(model=mae, opt=opt)
     if start:
         metrics.event(start, f"resumed at step {start}")
+    curve = LossCurve(paths, "pretrain-encoder", run_dir, start, enabled=rank == 0)
     loss = torch.zeros(())
     for step in range(start, p.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))
@@ -60,8 +62,11 @@ def train_loop(config: dict) -> dict:
         done = step + 1
         if done % 10 == 0 or done == p.steps:
             metrics.metrics(done, mae_loss=loss.item(), lr=lr)
+            curve.add(done, loss.item())
         if rank == 0 and (done % p.ckpt_every == 0 or done == p.steps):
             ckpt.save(done, model=mae, opt=opt)
+            curve.write()
+    curve.write()
     if rank == 0:
         atomic_save(mae.state_dict(), paths.encoder_dir / "encoder.pt")
     return {"steps": p.steps, "resumed_at": start, "final_mae_loss": float(loss)}
@@ -77,6 +82,7 @@ def run(cfg: Config, paths: Paths) -> dict:
         info = {"skipped": True, "reason": f"encoder {cfg.encoder.name} uses pretrained weights "
                 f"({cfg.encoder.weights or 'local hub cache'})"}
         write_json(paths.encoder_dir / "summary.json", info)
+        write_empty(paths, "pretrain-encoder")
         return info
     fp = cfg.fingerprint("data", "encoder", "seed")
     run_dir = paths.checkpoints / f"pretrain-encoder-{fp}"

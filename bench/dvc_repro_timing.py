@@ -1,0 +1,89 @@
+"""Wall time of `dvc repro` against `rae run` on the same preset, each in a fresh folder.
+
+`rae run` runs in a folder holding only params.yaml; `dvc repro` in a git + DVC project with this
+checkout's dvc.yaml and the code it names as dependencies (as tests/test_pipeline_e2e.py sets it
+up). Between repeats the shared services a `dvc repro` left are stopped, so every repro starts
+them afresh, as the first one on a machine does.
+
+    .venv/bin/python bench/dvc_repro_timing.py [--preset smoke] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
+            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "PREFECT_HOME", "PREFECT_API_URL", "RAY_ADDRESS",
+                        "RAE_LOCAL_RAY")}
+    return {**env, **IDENTITY, "PATH": f"{BIN}{os.pathsep}{env['PATH']}"}
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> float:
+    t0 = time.time()
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{res.stderr[-3000:]}")
+    return time.time() - t0
+
+
+def rae_run(preset: str) -> float:
+    env = _env()
+    with tempfile.TemporaryDirectory() as tmp:
+        _run([str(BIN / "rae"), "params", "--preset", preset], Path(tmp), env)
+        return _run([str(BIN / "rae"), "run"], Path(tmp), env)
+
+
+def dvc_repro(preset: str) -> float:
+    from flows import services
+
+    env = _env()
+    with tempfile.TemporaryDirectory() as tmp:
+        proj = Path(tmp)
+        for item in ("dvc.yaml", "rae_core", "flows"):
+            src = ROOT / item
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, proj / item)
+        for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
+                    [str(BIN / "rae"), "params", "--preset", preset], ["git", "add", "-A"],
+                    ["git", "commit", "-qm", "bench"]):
+            _run(cmd, proj, env)
+        wall = _run(["dvc", "repro"], proj, env)
+        rec = services.read(proj / ".prefect")
+        for name in ("watchdog", "prefect", "ray"):
+            services._stop(rec.get(name))
+        return wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="smoke")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    runs: dict[str, list[float]] = {"rae run": [], "dvc repro": []}
+    for _ in range(args.repeat):  # interleaved, so a change in the machine's load hits both
+        runs["rae run"].append(rae_run(args.preset))
+        runs["dvc repro"].append(dvc_repro(args.preset))
+        print(json.dumps({k: [round(x, 1) for x in v] for k, v in runs.items()}), flush=True)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    load = os.getloadavg()[0]
+    print(f"| {args.preset} | {args.repeat} | {med['rae run']:.0f} s | {med['dvc repro']:.0f} s | "
+          f"{med['dvc repro'] / med['rae run']:.2f} | {load:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
