@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import tracking
+from flows.artifacts import markdown_report
 from flows.pipeline import one_line, run_stage
 from flows.source import flow_run_name
 from rae_core.ablations import make_plan
@@ -266,6 +267,8 @@ def _ablate(plan: Plan, project: str) -> str:
         _log_metrics(parent, [(n["metric"], n["value"], n.get("step", 0))
                               for n in parent_numbers(report)])
         path = write_report(plan, report, parent, project)
+        markdown_report(path, f"ablation-{plan.preset}", f"Ablation report of {plan.preset}, "
+                        f"MLflow run {parent}")
     except BaseException as e:
         tracking.end_run(parent, "FAILED", one_line(e))
         raise

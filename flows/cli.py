@@ -33,12 +33,33 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="the active configuration file")
 
 
+# One example per command, shown under its --help.
+EXAMPLES = {
+    "run": "rae run --preset smoke --set generator.steps=200",
+    "ablate": "rae ablate --preset smoke --only d,f",
+    "stage": "rae stage train-generator --preset tiny",
+    "params": "rae params --preset tiny --set sample.scale=2.0",
+    "leaderboard": "rae leaderboard --top 5 --format md",
+    "runs": "rae runs --limit 5",
+    "compare": "rae compare RUN_A RUN_B    (run ids from `rae runs`)",
+    "models": "rae models",
+    "sample": "rae sample --model models:/rae-generator-digits-32@champion --classes 3,7 "
+              "--n 16 --out samples/",
+    "reproduce": "rae reproduce --preset smoke",
+    "serve": "rae serve --preset tiny",
+    "ui": "rae ui --port 5001",
+}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rae", description="RAE experiment platform")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="the whole pipeline as one Prefect flow")
     _config_args(run)
     run.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
+    run.add_argument("--force", action="append", default=[], choices=STAGE_NAMES,
+                     metavar="STAGE", help="run this stage even if it finished under the same "
+                     "params, code and inputs (repeatable)")
     ab = sub.add_parser("ablate", help="the paper's key ablations at small scale, with a report")
     _config_args(ab)
     ab.add_argument("--only", metavar="LETTERS", help="comma-separated ablations to run, e.g. "
@@ -46,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stage", help="one stage (what dvc.yaml calls)")
     st.add_argument("stage", choices=STAGE_NAMES)
     _config_args(st)
+    st.add_argument("--force", action="store_true", help="run it even if it finished under "
+                    "the same params, code and inputs")
     pa = sub.add_parser("params", help="write a preset (plus --set) into params.yaml")
     _config_args(pa)
     lb = sub.add_parser("leaderboard", help="the FID leaderboard from MLflow")
@@ -63,6 +86,17 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--format", choices=["table", "json"], default="table")
     _experiment_args(rn)
     sub.add_parser("models", help="registered model configs with parameter counts")
+    sa = sub.add_parser("sample", help="PNG images from a registered generator")
+    sa.add_argument("--model", required=True, metavar="MODEL_URI",
+                    help="models:/NAME@ALIAS, models:/NAME/VERSION or a model folder")
+    sa.add_argument("--classes", metavar="LABELS", help="comma-separated class labels, "
+                    "taken in turn (default: every class)")
+    sa.add_argument("--n", type=int, default=16, help="number of images (default: 16)")
+    sa.add_argument("--out", type=Path, default=Path("samples"), metavar="DIR",
+                    help="output folder (default: samples)")
+    sa.add_argument("--seed", type=int, help="default: the model's sample.seed")
+    sa.add_argument("--guidance", type=float, help="guidance scale (default: the model's "
+                    "sample.scale)")
     rp = sub.add_parser("reproduce", help="re-run a pinned preset from scratch and compare "
                         "its metrics with the recorded baseline (fails on drift)")
     rp.add_argument("--preset", default="smoke", help="the pinned preset (default: smoke)")
@@ -72,6 +106,10 @@ def parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="MLflow UI on 127.0.0.1")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    for name, command in sub.choices.items():
+        if name in EXAMPLES:
+            command.formatter_class = argparse.RawDescriptionHelpFormatter
+            command.epilog = f"example:\n  {EXAMPLES[name]}"
     return p
 
 
@@ -90,11 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path.cwd()
     from flows.env import configure
 
-    configure(root)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure(root)  # logging as well: flows/logging.yml, applied when Prefect is imported
     try:
         return _dispatch(args, root)
     except ConfigError as e:
@@ -136,6 +170,12 @@ def _dispatch(args, root: Path) -> int:
 
         print(model_table())
         return 0
+    if args.command == "sample":
+        from flows.pyfunc_model import sample_folder
+
+        print(sample_folder(args.model, args.classes, args.n, args.out, args.seed,
+                            args.guidance))
+        return 0
     if args.command == "ui":
         mlflow = venv_tool("mlflow")
         os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"],
@@ -167,15 +207,41 @@ def _dispatch(args, root: Path) -> int:
 
     what = "rae run" if args.command == "run" else f"rae stage {args.stage}"
     with project_lock(root, what):  # refuse a second writer before the slow imports
+        if _all_finished(args, cfg, root):
+            return 0
+        from flows.services import attach
+
+        attach(args.command, root, cfg)  # the Prefect and Ray an earlier stage left running
         t0 = time.time()
         from flows.pipeline import pipeline_flow, stage_flow
 
         logging.getLogger(__name__).info("rae: imports took %.1f s", time.time() - t0)
         if args.command == "run":
-            pipeline_flow(cfg.to_dict(), str(root), args.until)
+            pipeline_flow(cfg, str(root), args.until, args.force)
         else:
-            stage_flow(args.stage, cfg.to_dict(), str(root))
+            stage_flow(args.stage, cfg, str(root), args.force)
     return 0
+
+
+def _all_finished(args, cfg, root: Path) -> bool:
+    """True, after saying so stage by stage, when every stage asked for finished under this
+    configuration, code and inputs: then neither Prefect, Ray nor MLflow need to start."""
+    from rae_core import provenance
+    from rae_core.paths import Paths
+
+    if args.command == "run":
+        names = STAGE_NAMES[: STAGE_NAMES.index(args.until) + 1] if args.until else STAGE_NAMES
+        forced = set(args.force)
+    else:
+        names, forced = [args.stage], {args.stage} if args.force else set()
+    paths = Paths.at(root)
+    decisions = [provenance.decide(n, cfg, paths, n in forced) for n in names]
+    if any(d.run for d in decisions):
+        return False
+    for d in decisions:
+        print(d.line())
+    print("nothing to run: every stage is finished (--force STAGE runs one again)")
+    return True
 
 
 def _experiment(args) -> str:

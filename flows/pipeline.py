@@ -15,9 +15,11 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
 
-from flows import tracking
+from flows import console, tracking
 from flows.source import flow_run_name
+from rae_core import provenance
 from rae_core.config import Config, from_dict
 from rae_core.errors import ConfigError, RaeError
 from rae_core.locking import project_lock
@@ -72,12 +74,13 @@ def _register_model(name: str, cfg: Config, paths: Paths, run_id: str) -> None:
                                     {"preset": cfg.preset, "encoder": cfg.encoder.name})
         tracking.client().set_tag(run_id, "rae.registered_version", version)
     elif name == "train-generator":
-        from rae_core.autoencoder import load_encoder
-        from rae_core.generator import load_generator
+        from functools import partial
 
-        shape = load_encoder(cfg, paths).latent_shape
-        model = load_generator(paths.generator_dir / "ema.pt", shape, cfg.data.num_classes)
-        version = tracking.register(run_id, model, registered_name(cfg, "generator"),
+        from flows.pyfunc_model import log_generator
+
+        # a pyfunc model that makes images: the generator with its decoder and statistics
+        version = tracking.register(run_id, partial(log_generator, cfg, paths),
+                                    registered_name(cfg, "generator"),
                                     {"preset": cfg.preset, "model": cfg.generator.model})
         (paths.generator_dir / "registered.json").write_text(json.dumps(
             {"name": registered_name(cfg, "generator"), "version": version}))
@@ -111,6 +114,10 @@ def _after_stage(name: str, cfg: Config, paths: Paths, run_id: str, out: dict) -
             tracking.end_run(run_id)
             crown_champion(cfg.tracking.experiment, registered_name(cfg, "generator"),
                            tags["rae.dataset"], tags["rae.resolution"], family(cfg))
+        from flows.artifacts import leaderboard_table
+        from flows.leaderboard import rows
+
+        leaderboard_table(rows(cfg.tracking.experiment), cfg.tracking.experiment)
 
 
 def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
@@ -118,6 +125,7 @@ def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
     """One stage inside its MLflow run; a failure marks the run FAILED with the one-line reason.
     `register=False` leaves a training stage's model out of the registry (ablation arms are
     experiments, not candidates for the champion alias)."""
+    console.stage_started(name)
     t_track = time.time()
     resuming = any(paths.checkpoints.glob(f"{name}-*/last.pt"))  # the loops' resume points
     run_id = tracking.stage_run(cfg, paths.root, name, parent, tags={"rae.stage": name},
@@ -126,7 +134,8 @@ def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
     try:
         system = tracking.system_metrics(run_id) if name in TRAINING_STAGES else \
             contextlib.nullcontext()
-        with tracking.MetricsForwarder(run_id, paths.metrics_log(name)) as fwd, system:
+        with tracking.MetricsForwarder(run_id, paths.metrics_log(name),
+                                       steps=console.training_steps(name, cfg)) as fwd, system:
             out = STAGES[name](cfg, paths)
         t1 = time.time()
         out = dict(out or {})
@@ -145,6 +154,7 @@ def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
         tracking.end_run(run_id, "FAILED", one_line(e))
         raise
     tracking.end_run(run_id)
+    console.stage_finished(name, out)
     return out
 
 
@@ -156,40 +166,85 @@ def _ray_cluster() -> str:
     return ray.get_runtime_context().gcs_address if ray and ray.is_initialized() else ""
 
 
-def one_line(e: BaseException) -> str:
-    """The user-facing line of an error, unwrapping Ray's wrappers to the original cause."""
+def root_cause(e: BaseException) -> BaseException:
+    """The error under Ray's and Prefect's wrappers: the first RaeError, or the innermost."""
     seen = e
     while True:
         inner = getattr(seen, "cause", None) or seen.__cause__
         if isinstance(seen, RaeError) or inner is None or inner is seen:
-            break
+            return seen
         seen = inner
+
+
+def one_line(e: BaseException) -> str:
+    """The user-facing line of an error, unwrapping Ray's wrappers to the original cause."""
+    seen = root_cause(e)
     msg = str(seen).strip().splitlines()
     return f"{type(seen).__name__}: {msg[-1] if msg else ''}" if not isinstance(
         seen, RaeError) else (msg[0] if msg else type(seen).__name__)
 
 
-@task(cache_policy=NO_CACHE, name="stage")
-def stage_task(name: str, cfg_dict: dict, root: str, parent: str | None) -> dict:
-    return run_stage(name, from_dict(cfg_dict), Paths.at(root), parent)
+def _transient(task, task_run, state) -> bool:
+    """Retry a stage only for failures that may pass (a lost worker, a dropped connection):
+    configuration and data errors fail the same way every time."""
+    try:
+        state.result()
+    except Exception as e:  # noqa: BLE001 - Ray wraps a worker's error; look at its cause
+        cause = root_cause(e)
+        return not isinstance(cause, RaeError) and "ConfigError" not in type(cause).__name__ \
+            and "DataError" not in type(cause).__name__
+    return False
+
+
+@task(cache_policy=NO_CACHE, name="stage", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=_transient)
+def stage_task(name: str, cfg_dict: dict, root: str, parent: str | None,
+               force: bool = False) -> dict:
+    """A stage, unless its record shows it finished under the same params, code and inputs:
+    then its recorded outputs, with `skipped`."""
+    cfg, paths = from_dict(cfg_dict), Paths.at(root)
+    decision = provenance.decide(name, cfg, paths, force)
+    log.info("%s", decision.line())
+    if not decision.run:
+        console.say(decision.line())
+        return {**decision.outputs, "skipped": decision.reason}
+    provenance.clear(name, paths)
+    out = run_stage(name, cfg, paths, parent)
+    provenance.record(name, cfg, paths, out)
+    return out
 
 
 @flow(name="rae-pipeline", flow_run_name=flow_run_name)
-def pipeline_flow(cfg_dict: dict, root: str, until: str | None = None) -> dict:
+def pipeline_flow(cfg: Config, root: str, until: str | None = None,
+                  force: list[str] | None = None) -> dict:
     """prepare -> pretrain-encoder -> stats -> extract -> train-decoder -> train-generator -> sample
-    -> evaluate, one task each, under one parent MLflow run."""
+    -> evaluate, one task each, under one parent MLflow run; finished stages are skipped, those
+    in `force` run again. The typed `cfg` gives a deployment run its form in the Prefect UI."""
     with project_lock(root, "rae run"):
-        return _pipeline(from_dict(cfg_dict), Paths.at(root), cfg_dict, root, until)
+        return _pipeline(cfg, Paths.at(root), cfg.to_dict(), root, until, set(force or ()))
 
 
-def _pipeline(cfg: Config, paths: Paths, cfg_dict: dict, root: str, until: str | None) -> dict:
+def _pipeline(cfg: Config, paths: Paths, cfg_dict: dict, root: str, until: str | None,
+              force: set[str]) -> dict:
     last = ORDER.index(until) if until else len(ORDER) - 1
     parent = tracking.start_run(cfg, paths.root, f"pipeline-{cfg.preset}",
                                 tags={"rae.kind": "pipeline"})
-    t0, outputs = time.time(), {}
+    t0, outputs, futures = time.time(), {}, {}
     try:
-        for name in ORDER[: last + 1]:
-            outputs[name] = stage_task.with_options(name=name)(name, cfg_dict, root, parent)
+        names = ORDER[: last + 1]
+        if any(provenance.decide(n, cfg, paths, n in force).run for n in names):
+            from rae_core.train.runner import ensure_ray
+
+            ensure_ray(cfg)  # once, before stages start side by side
+        # Each stage starts when the stages it reads from are done, so independent ones
+        # (train-decoder beside stats, extract and train-generator) share the workers.
+        for name in names:
+            after = [futures[u] for u in provenance.SPECS[name].upstream if u in futures]
+            futures[name] = stage_task.with_options(name=name).submit(
+                name, cfg_dict, root, parent, name in force, wait_for=after)
+        wait(list(futures.values()))
+        for name in names:  # the first failure in pipeline order is the one reported
+            outputs[name] = futures[name].result()
     except BaseException as e:
         tracking.end_run(parent, "FAILED", one_line(e))
         raise
@@ -198,9 +253,12 @@ def _pipeline(cfg: Config, paths: Paths, cfg_dict: dict, root: str, until: str |
               "tracking_s": sum(o.get("tracking_s", 0.0) for o in outputs.values())}
     if os.environ.get("RAE_T0"):
         totals["prefect_startup_s"] = t0 - float(os.environ["RAE_T0"])
+    skipped = [n for n, o in outputs.items() if "skipped" in o]
+    totals["stages_skipped"] = len(skipped)
     tracking.log_numbers(parent, totals, prefix="pipeline.")
     log.info("pipeline timings: %s", {k: round(v, 1) for k, v in totals.items()})
     tracking.end_run(parent)
+    console.run_finished(paths, totals["wall_s"])
     return outputs
 
 
@@ -211,10 +269,12 @@ JOB_ENV = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAE_PROJECT_DIR")
 
 @flow(name="rae-run", flow_run_name=flow_run_name)
 def run_flow(preset: str | None = None, overrides: list[str] | None = None,
-             until: str | None = None) -> dict:
-    """`rae run [--preset P] [--set KEY=VALUE ...] [--until STAGE]` for a deployment: in the
-    project directory its pull step entered, with the Ray cluster and the tracking server its
-    job variables name. Without a preset, the project's params.yaml."""
+             until: str | None = None, force: list[str] | None = None,
+             params: Config | None = None) -> dict:
+    """`rae run [--preset P] [--set KEY=VALUE ...] [--until STAGE] [--force STAGE]` for a
+    deployment: in the project directory its pull step entered, with the Ray cluster and the
+    tracking server its job variables name. Without a preset, the project's params.yaml;
+    `params`, a whole configuration filled in on the Prefect UI's form, replaces both."""
     for key in JOB_ENV:
         if "{{" in os.environ.get(key, ""):
             raise ConfigError(f"{key}={os.environ[key]}: the deployment was registered without "
@@ -222,18 +282,22 @@ def run_flow(preset: str | None = None, overrides: list[str] | None = None,
                               "cluster-*.env and run `prefect deploy` again")
     if until is not None and until not in ORDER:
         raise ConfigError(f"until={until}: not a stage (valid: {', '.join(ORDER)})")
+    for name in force or ():
+        if name not in ORDER:
+            raise ConfigError(f"force={name}: not a stage (valid: {', '.join(ORDER)})")
     root = Path.cwd()
     from flows.env import configure
     from rae_core.presets import load_config
     from rae_core.validate import check_registries
 
-    cfg = load_config(str(root / "params.yaml"), preset, list(overrides or []))
+    cfg = from_dict(params.to_dict()) if params is not None else \
+        load_config(str(root / "params.yaml"), preset, list(overrides or []))
     check_registries(cfg)
     configure(root)
-    return pipeline_flow(cfg.to_dict(), str(root), until)
+    return pipeline_flow(cfg, str(root), until, force)
 
 
 @flow(name="rae-stage", flow_run_name=flow_run_name)
-def stage_flow(name: str, cfg_dict: dict, root: str) -> dict:
+def stage_flow(name: str, cfg: Config, root: str, force: bool = False) -> dict:
     with project_lock(root, f"rae stage {name}"):
-        return stage_task.with_options(name=name)(name, cfg_dict, root, None)
+        return stage_task.with_options(name=name)(name, cfg.to_dict(), root, None, force)

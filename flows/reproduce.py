@@ -18,6 +18,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows import tracking
+from flows.artifacts import markdown_report
 from flows.pipeline import pipeline_flow
 from flows.source import code_revision, flow_run_name
 from rae_core.config import Config
@@ -76,7 +77,7 @@ def reproduce_flow(preset: str, root: str | None = None,
     work = slot / "run"
     with project_lock(slot, f"reproduce {preset}"):
         shutil.rmtree(work, ignore_errors=True)  # from scratch: nothing reused from last time
-        pipeline_flow(cfg.to_dict(), str(work))
+        pipeline_flow(cfg, str(work))
         now = _evaluation(work)
     return _judge(cfg, project, work, now)
 
@@ -104,6 +105,7 @@ def _judge(cfg: Config, project: Path, work: Path, now: dict[str, float]) -> dic
     for name in ("reproduce-report.json", "reproduce-report.md"):
         c.log_artifact(run_id, str(work / name))
     c.set_tag(run_id, "rae.verdict", "drift" if report["drifted"] else "pass")
+    markdown_report(work / "reproduce-report.md", f"drift-{cfg.preset}", title)
     try:
         raise_on_drift(checks, f"reproduction of {cfg.preset} ({key})")
     except Exception as e:

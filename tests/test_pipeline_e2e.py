@@ -119,6 +119,15 @@ def test_the_prefect_server_recorded_every_stage_flow_run(project, servers):
     assert not (proj / ".prefect" / "prefect.db").exists()  # no temporary local server
 
 
+def test_the_evaluation_left_the_leaderboard_as_a_prefect_table(project, servers):
+    (art,) = http_json(f"{servers['prefect']}/artifacts/filter",
+                       {"artifacts": {"key": {"any_": ["leaderboard-rae"]}}})
+    assert art["type"] == "table"
+    table = json.loads(art["data"]) if isinstance(art["data"], str) else art["data"]
+    (row,) = table
+    assert row["model"] == "DiTDH-micro" and row["fid"] > 0 and row["preset"] == "smoke"
+
+
 def test_the_mlflow_server_api_serves_the_models_and_the_champion(project, servers):
     api = f"{servers['mlflow']}/api/2.0/mlflow"
     exp = http_json(f"{api}/experiments/get-by-name?experiment_name=rae")["experiment"]
@@ -161,6 +170,30 @@ def test_dvc_reruns_only_what_changed(project):
     assert set(changed) == {"sample"}  # evaluate follows once the samples change
 
 
+def test_a_second_run_skips_every_finished_stage_and_tracks_nothing_new(project, servers):
+    """After `dvc repro`, `rae run` on the same params finds every stage's record matching:
+    it says so per stage and starts nothing: no flow run, no model version, no MLflow run."""
+    proj, env, _ = project
+    mlflow = _mlflow(env)
+    c = mlflow.tracking.MlflowClient()
+
+    def counts():
+        versions = sum(len(c.search_model_versions(f"name = '{m.name}'"))
+                       for m in c.search_registered_models())
+        flow_runs = http_json(f"{servers['prefect']}/flow_runs/filter", {"limit": 200})
+        return versions, len(mlflow.search_runs(experiment_names=["rae"], output_format="list")
+                             ), len(flow_runs)
+
+    before = counts()
+    out = _run([sys.executable, "-m", "flows.cli", "run"], proj, env).stdout
+    lines = [ln for ln in out.splitlines() if ": skipped (unchanged since" in ln]
+    assert [ln.split(":")[0] for ln in lines] == STAGES
+    assert "nothing to run" in out
+    assert counts() == before
+    record = json.loads((proj / "runs" / "records" / "evaluate.json").read_text())
+    assert record["outputs"]["fid"] > 0 and record["params"]["evaluate.extractor"]
+
+
 def test_samples_do_not_depend_on_the_batch_size(project):
     """Each shard draws its noise from its own seed, so re-batching gives the same images."""
     import numpy as np
@@ -187,7 +220,7 @@ def test_a_killed_ray_worker_is_replaced_and_training_resumes_exactly(project):
     for d in [*(proj / "runs" / "checkpoints").glob("train-generator-*"),
               *(proj / "runs" / "ray").glob("train-generator-*")]:
         shutil.rmtree(d)
-    _run([sys.executable, "-m", "flows.cli", "stage", "train-generator"], proj,
+    _run([sys.executable, "-m", "flows.cli", "stage", "train-generator", "--force"], proj,
          {**env, "RAE_KILL_AT": "train-generator:40"})
     events = [json.loads(ln).get("event") for ln in
               (proj / "runs" / "logs" / "train-generator.jsonl").read_text().splitlines()]

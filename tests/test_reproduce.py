@@ -74,6 +74,15 @@ def test_reproduce_flow_records_a_baseline_then_flags_drift(tmp_path, monkeypatc
     (fid,) = [c for c in report["checks"] if c["metric"] == "fid"]
     assert (fid["baseline"], fid["now"], fid["tolerance"], fid["ok"]) == (12.0, 13.0, 0.5, False)
 
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:  # the drift report, in the Prefect UI
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["drift-smoke"])))
+    assert len(arts) == 3 and {a.type for a in arts} == {"markdown"}
+    assert any("| fid | 12.0000 | 13.0000 | +1.0000 | 0.5 | DRIFT |" in a.data for a in arts)
+
 
 def test_serve_schedules_the_smoke_and_tiny_reproductions_from_params(tmp_path):
     from flows.scheduled import deployments

@@ -105,7 +105,7 @@ def train_loop(config: dict) -> dict:
         net = ray.train.torch.prepare_model(model, move_to_device=False)
     if d.compile and device.type == "cuda":
         net = torch.compile(net)
-    decoder = _optional_decoder(cfg, paths, encoder, device) if rank == 0 else None
+    decoder = None  # loaded at the first preview grid: train-decoder may run alongside
     step_loss = torch.full((), float("nan"))  # stays NaN only when resuming a finished run
     for step in range(start, d.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))
@@ -140,9 +140,11 @@ def train_loop(config: dict) -> dict:
                          **meta}, run_dir / f"ema-step{done:07d}.pt")
             ckpt.save(done, model=model, ema=ema.model, opt=opt)
             curve.write()
-        if decoder is not None and (done % d.sample_every == 0 or done == d.steps):
-            path = _sample_grid(cfg, ema.model, decoder, stats, latent_shape, done, run_dir)
-            metrics.artifact(done, path)
+        if rank == 0 and (done % d.sample_every == 0 or done == d.steps):
+            decoder = decoder or _optional_decoder(cfg, paths, encoder, device)
+            if decoder is not None:
+                path = _sample_grid(cfg, ema.model, decoder, stats, latent_shape, done, run_dir)
+                metrics.artifact(done, path)
     curve.write()
     shift = latent_shift(cfg, latent_shape) if d.kind == "flow" else None
     summary = {"steps": d.steps, "resumed_at": start, "shift": shift,
@@ -156,8 +158,17 @@ def train_loop(config: dict) -> dict:
 
 
 def _optional_decoder(cfg, paths, encoder, device):
-    """The RAE decoder for preview grids, when train-decoder has already produced one."""
+    """The decoder for preview grids, when train-decoder has finished one under this
+    configuration; a decoder another configuration left is passed over with a warning."""
+    from rae_core import provenance
+
     if not (paths.decoder_dir / "decoder.pt").exists():
+        return None
+    decision = provenance.decide("train-decoder", cfg, paths)
+    if decision.run:  # still training beside this stage (no record yet), or made by another
+        unfinished = not provenance.record_path(paths, "train-decoder").exists()
+        (log.info if unfinished else log.warning)(
+            "train-generator: no preview grids from %s: %s", paths.decoder_dir, decision.reason)
         return None
     return load_decoder(cfg, paths, encoder, device)
 

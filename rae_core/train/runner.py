@@ -27,7 +27,8 @@ def ensure_ray(cfg: Config) -> None:
     """Join the cluster RAY_ADDRESS names, or start a local Ray when it is unset or `local`.
 
     `local` is explicit so that a driver on a node that already runs a cluster never joins it
-    by accident (and never passes num_cpus to a cluster it joined)."""
+    by accident (and never passes num_cpus to a cluster it joined). A local Ray is the head
+    that RAE_LOCAL_RAY names, shared by the project's stages, where one runs."""
     import ray
 
     if ray.is_initialized():
@@ -38,6 +39,10 @@ def ensure_ray(cfg: Config) -> None:
     address = ray_address()
     if address == "local":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if shared := os.environ.get("RAE_LOCAL_RAY"):  # the project's own head (flows.services)
+            ray.init(address=shared, log_to_driver=False, configure_logging=False,
+                     runtime_env={"env_vars": _worker_env()})
+            return
         # A local instance may oversubscribe: 2 workers x 2 threads on 2 cores is still correct.
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need),
                  include_dashboard=False, log_to_driver=False, configure_logging=False,
