@@ -76,24 +76,11 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     def _draw(self, labels: list[int], seed: int, scale: float) -> np.ndarray:
         """The sample stage's shard 0 (rae_core.generate._shard) for these labels, with
         sample.seed = seed and sample.scale = scale."""
-        import torch
-
-        from rae_core.generator import sample_latents
-        from rae_core.images import to_uint8
+        from rae_core.generate import draw_images
 
         cfg = from_dict(merge(self.data, {"sample": {"seed": seed, "scale": scale}}))
-        s = cfg.sample
-        g = torch.Generator().manual_seed(s.seed * 1_000_003)
-        y = torch.tensor(labels, dtype=torch.long)
-        noise = torch.randn((len(y), *self.shape), generator=g)
-        images = []
-        with torch.no_grad():
-            for i in range(0, len(y), s.batch_size):
-                sl = slice(i, i + s.batch_size)
-                z = sample_latents(cfg, self.model, y[sl], self.shape, noise[sl],
-                                   weak_model=self.weak, generator=g)
-                images.append(to_uint8(self.decoder(self.stats.denormalize(z))))
-        return np.concatenate(images)
+        return draw_images(cfg, 0, labels, self.model, self.decoder, self.stats, self.shape,
+                           self.weak)
 
 
 def _decoding_files(cfg: Config, paths: Paths) -> list[Path]:

@@ -11,6 +11,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,48 @@ def start_run(cfg: Config, root: Path, name: str, parent: str | None = None,
     params = [Param(k, v) for k, v in _safe_params(cfg).items()]
     for i in range(0, len(params), 100):
         c.log_batch(run.info.run_id, params=params[i: i + 100])
+    log_dataset(run.info.run_id, cfg, Path(root))
     return run.info.run_id
+
+
+def dataset_digest(cfg: Config, root: Path) -> str:
+    """The dataset's digest: DVC's md5 of the prepared folder where dvc.lock has one, else the
+    signature `prepare` recorded of it; '' before the dataset is prepared."""
+    import yaml
+
+    from rae_core import provenance
+    from rae_core.paths import Paths
+    from rae_core.store import read_record
+
+    lock = root / "dvc.lock"
+    if lock.exists():
+        outs = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(
+            "prepare", {}).get("outs", [])
+        for out in outs:
+            if out.get("path") == cfg.data.root and out.get("md5"):
+                return out["md5"]
+    rec = read_record(provenance.record_path(Paths.at(root), "prepare"))
+    return rec["signature"] if rec else ""
+
+
+def log_dataset(run_id: str, cfg: Config, root: Path) -> None:
+    """The data a run reads as an MLflow dataset input (the runs table's Dataset column)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    digest = dataset_digest(cfg, root)
+    if not digest:
+        return
+    path = root / cfg.data.root
+    name = cfg.data.dataset if cfg.data.dataset != "folder" else Path(cfg.data.source).name
+    with warnings.catch_warnings():  # a local folder resolves to MLflow's one local source
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+        source = resolve_dataset_source(str(path.resolve()))
+    ds = MetaDataset(source, name=name, digest=digest)
+    client().log_inputs(run_id, datasets=[DatasetInput(
+        ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
 
 
 def stage_run(cfg: Config, root: Path, name: str, parent: str | None,

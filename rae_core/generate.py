@@ -24,10 +24,30 @@ from rae_core.store import write_json
 log = logging.getLogger(__name__)
 
 
+@torch.no_grad()
+def draw_images(cfg: Config, index: int, labels: list[int], model, decoder, stats,
+                shape: tuple[int, ...], weak=None) -> np.ndarray:
+    """Shard `index` of the samples: uint8 images (n, H, W, 3) of `labels`. The shard's noise
+    comes from (sample.seed, index) whatever the batch size, so re-batching gives the same
+    images, and a registered model reproduces the stage's draws."""
+    from rae_core.generator import sample_latents
+    from rae_core.images import to_uint8
+
+    s = cfg.sample
+    g = torch.Generator().manual_seed(s.seed * 1_000_003 + index)
+    y = torch.tensor(labels, dtype=torch.long)
+    noise = torch.randn((len(y), *shape), generator=g)
+    images = []
+    for i in range(0, len(y), s.batch_size):
+        sl = slice(i, i + s.batch_size)
+        z = sample_latents(cfg, model, y[sl], shape, noise[sl], weak_model=weak, generator=g)
+        images.append(to_uint8(decoder(stats.denormalize(z))))
+    return np.concatenate(images)
+
+
 def _shard(cfg_dict: dict, root: str, index: int, labels: list[int], path: str) -> str:
     from rae_core.autoencoder import load_decoder, load_encoder, load_stats
-    from rae_core.generator import load_generator, sample_latents
-    from rae_core.images import to_uint8
+    from rae_core.generator import load_generator
 
     cfg, paths = from_dict(cfg_dict), Paths.at(root)
     s = cfg.sample
@@ -38,17 +58,8 @@ def _shard(cfg_dict: dict, root: str, index: int, labels: list[int], path: str) 
     model = load_generator(paths.generator_dir / "ema.pt", shape, cfg.data.num_classes)
     weak = load_generator(paths.dataset(s.weak_model), shape, cfg.data.num_classes) \
         if s.guidance == "autoguidance" else None
-    g = torch.Generator().manual_seed(s.seed * 1_000_003 + index)
-    y = torch.tensor(labels, dtype=torch.long)
-    noise = torch.randn((len(y), *shape), generator=g)  # the shard's noise, whatever the batch
-    images = []
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(y), s.batch_size):
-            sl = slice(i, i + s.batch_size)
-            z = sample_latents(cfg, model, y[sl], shape, noise[sl], weak_model=weak, generator=g)
-            images.append(to_uint8(decoder(stats.denormalize(z))))
-    arr = np.concatenate(images)
+    arr = draw_images(cfg, index, labels, model, decoder, stats, shape, weak)
     seconds = time.perf_counter() - t0
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.npz")
     np.savez(tmp, images=arr, labels=np.asarray(labels), seconds=seconds,

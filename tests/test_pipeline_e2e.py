@@ -119,6 +119,18 @@ def test_the_prefect_server_recorded_every_stage_flow_run(project, servers):
     assert not (proj / ".prefect" / "prefect.db").exists()  # no temporary local server
 
 
+def test_runs_after_prepare_name_the_dataset_with_its_dvc_digest(project):
+    import yaml
+
+    proj, env, _ = project
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())
+    (md5,) = [o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/dataset"]
+    runs = _mlflow(env).search_runs(experiment_names=["rae"], output_format="list",
+                                    filter_string="tags.`rae.stage` = 'train-generator'")
+    (ds,) = [d.dataset for d in runs[0].inputs.dataset_inputs]
+    assert (ds.name, ds.digest, ds.source_type) == ("digits", md5, "local")
+
+
 def test_the_evaluation_left_the_leaderboard_as_a_prefect_table(project, servers):
     (art,) = http_json(f"{servers['prefect']}/artifacts/filter",
                        {"artifacts": {"key": {"any_": ["leaderboard-rae"]}}})
