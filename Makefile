@@ -24,7 +24,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check rae_core flows tests bench
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 bench: install
 	$(PY) bench/demo_timing.py
