@@ -1,9 +1,9 @@
 """A local Prefect server and Ray head that the `rae` processes of one project share.
 
 `dvc repro` runs one `rae stage` process per stage; each would otherwise start its own temporary
-Prefect server (~8-13 s) and local Ray (~10 s). The first stage starts both as background
-processes and records them in `$PREFECT_HOME/services.json`; later stages join them while they
-answer. A watchdog stops them once no `rae` process has used them for RAE_SERVICES_IDLE_S
+Prefect server (~8-13 s) and local Ray (~10 s). The first `rae run` or `rae stage` starts both as
+background processes, side by side and while it goes on importing and opening the tracking store,
+and records them in `$PREFECT_HOME/services.json`; later ones join them while they answer. A watchdog stops them once no `rae` process has used them for RAE_SERVICES_IDLE_S
 seconds (0: nothing shared, each process starts its own). PREFECT_API_URL or RAY_ADDRESS set by
 a deployment or a team wins: that service is then neither started nor joined here.
 
@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from flows.env import project_home
@@ -41,38 +41,34 @@ def idle_timeout() -> float:
     return float(os.environ.get("RAE_SERVICES_IDLE_S", "120"))
 
 
-def attach(command: str, root: Path, cfg) -> None:
-    """Point this `rae run`/`rae stage` at the project's shared services: a stage starts them
-    when none answer; a run only joins them (started in-process, its own cost once either way,
-    and nothing is left running after it)."""
+def attach(command: str, root: Path, cfg, wait: bool = True) -> Callable[[], None]:
+    """Point this `rae run`/`rae stage` at the project's shared services, starting those that do
+    not answer. Returns a function that waits until they all do: with `wait=False` the caller
+    does its own start-up work first (imports, the tracking store) while they boot."""
     if command not in ("run", "stage"):
-        return
+        return _nothing
     share_checkpoints(root)
     if idle_timeout() <= 0:
-        return
+        return _nothing
     wanted = [name for name, var in (("prefect", "PREFECT_API_URL"), ("ray", "RAY_ADDRESS"))
               if not os.environ.get(var)]
     if not wanted:
-        return
+        return _nothing
     need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     home = Path(os.environ["PREFECT_HOME"])
     with _locked(home):
         rec = read(home)
-        fresh = [n for n in wanted if not answers(n, rec.get(n))]
-        if fresh and command != "stage":
-            wanted = [n for n in wanted if n not in fresh]
-        elif fresh:
-            for name in fresh:
-                _stop(rec.pop(name, None))
-            rec.update(_start(fresh, home, max(os.cpu_count() or 1, need)))
-        if not wanted:
-            return
+        fresh = [n for n in wanted if not (answers(n, rec.get(n)) or _starting(rec.get(n)))]
+        for name in fresh:
+            _stop(rec.pop(name, None))
+        rec.update(_launch(fresh, home, max(os.cpu_count() or 1, need)))
         if not answers("watchdog", rec.get("watchdog")):
             rec["watchdog"] = {"pid": _spawn([sys.executable, "-m", "flows.services", "watch",
                                               str(home)], home / "services" / "watchdog.log", mode="a")}
         rec["users"] = [p for p in rec.get("users", []) if _pid_alive(p)] + [os.getpid()]
         rec["touched"], rec["idle_s"] = time.time(), idle_timeout()  # the latest user's setting
         _write(home, rec)
+    atexit.register(_release, home, os.getpid())
     if "prefect" in wanted:
         os.environ["PREFECT_API_URL"] = rec["prefect"]["url"]
     if "ray" in wanted and rec["ray"]["num_cpus"] >= need:
@@ -80,7 +76,30 @@ def attach(command: str, root: Path, cfg) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     log.info("rae: using %s", ", ".join(f"{n} {rec[n].get('url') or rec[n].get('address')}"
                                         for n in wanted))
-    atexit.register(_release, home, os.getpid())
+
+    def ready() -> None:
+        _await({n: rec[n] for n in wanted}, home)
+        with _locked(home):  # answered once: from now on, silence means it is gone
+            now = read(home)
+            for n in wanted:
+                if now.get(n, {}).get("pid") == rec[n]["pid"]:
+                    now[n]["ready"] = True
+            if now:
+                _write(home, now)
+
+    if wait:
+        ready()
+    return ready
+
+
+def _nothing() -> None:
+    return None
+
+
+def _starting(entry: dict | None) -> bool:
+    """Launched by another process moments ago and still booting: join it, do not replace it."""
+    return bool(entry and not entry.get("ready") and _pid_alive(entry["pid"]) and
+                time.time() - entry.get("launched", 0) < START_TIMEOUT_S)
 
 
 def share_checkpoints(root: Path) -> None:
@@ -180,8 +199,8 @@ def _spawn(cmd: list[str], logfile: Path, env: dict | None = None, mode: str = "
                                 env=env, start_new_session=True).pid
 
 
-def _start(names: list[str], home: Path, num_cpus: int) -> dict:
-    """Start the named services side by side; wait until each answers."""
+def _launch(names: list[str], home: Path, num_cpus: int) -> dict:
+    """Start the named services side by side, without waiting for them."""
     logs, started = home / "services", {}
     env = {k: v for k, v in os.environ.items()
            if k not in ("PREFECT_API_URL", "RAY_ADDRESS", "RAE_LOCAL_RAY")}
@@ -203,17 +222,24 @@ def _start(names: list[str], home: Path, num_cpus: int) -> dict:
                            f"--num-cpus={num_cpus}", "--include-dashboard=false",
                            "--disable-usage-stats", f"--temp-dir={temp}"],
                           logs / "ray.log", {**env, "RAY_AUTH_MODE": "disabled"})}
-    t0, deadline = time.time(), time.time() + START_TIMEOUT_S
-    for name, entry in started.items():
+    for entry in started.values():
+        entry["launched"] = time.time()
+    return started
+
+
+def _await(services: dict, home: Path) -> None:
+    """Wait until each service answers; stop them all and say where to look if one does not."""
+    logs, t0 = home / "services", time.time()
+    deadline = t0 + START_TIMEOUT_S
+    for name, entry in services.items():
         while not (answers(name, entry) and _ready(name, logs)):
             if not _pid_alive(entry["pid"]) or time.time() > deadline:
-                for other in started.values():
+                for other in services.values():
                     _stop(other)
                 raise RaeError(f"{logs / name}.log: the local {name} did not start; see its "
                                "log, or set RAE_SERVICES_IDLE_S=0 to start one per process")
-            time.sleep(0.3)
-    log.info("rae: started %s in %.1f s", " and ".join(started), time.time() - t0)
-    return started
+            time.sleep(0.2)
+    log.info("rae: %s answered after %.1f s", " and ".join(services), time.time() - t0)
 
 
 def _ready(name: str, logs: Path) -> bool:
@@ -250,13 +276,18 @@ def _group_alive(pgid: int) -> bool:
 
 def watch(home: Path) -> None:
     """Stop the services once no user has run for the idle timeout, or the record is gone."""
-    me = os.getpid()
+    me, known = os.getpid(), {}
     while True:
         time.sleep(1.0)
+        if known and not (home / RECORD).exists():  # the project was removed: none can join
+            for name in ("prefect", "ray"):
+                _stop(known.get(name))
+            return
         with _locked(home):
             rec = read(home)
             if rec.get("watchdog", {}).get("pid") != me:
-                return  # replaced, or the project was removed
+                return  # replaced by another watchdog, which minds the services now
+            known = rec
             idle = rec.get("idle_s", idle_timeout())
             users = [p for p in rec.get("users", []) if _pid_alive(p)]
             if users:

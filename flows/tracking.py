@@ -191,6 +191,7 @@ class MetricsForwarder:
         self.run_id, self.path, self.interval, self.steps = run_id, path, interval, steps
         self.offset = 0
         self.first_time: float | None = None
+        self.opened = time.time()
         self._bar = None
         self._stop = threading.Event()
         # in the caller's context: the Prefect task run that the worker lines belong to
@@ -230,13 +231,13 @@ class MetricsForwarder:
         metrics = []
         for ln in complete:
             rec = json.loads(ln)
+            if self.first_time is None and rec["time"] >= self.opened:
+                self.first_time = rec["time"]  # the stage's code runs: start-up is over
             if "log" in rec:
                 r = rec["log"]
                 logging.getLogger(r["logger"]).log(logging.getLevelName(r["level"]),
                                                    "[rank %d] %s", r["rank"], r["message"])
                 continue
-            if self.first_time is None:
-                self.first_time = rec["time"]
             if "metrics" in rec:
                 ts = int(rec["time"] * 1000)
                 metrics += [Metric(k, v, ts, rec["step"]) for k, v in rec["metrics"].items()]

@@ -1,5 +1,6 @@
-"""Launching work on Ray: training loops in a TorchTrainer, embarrassingly parallel shards as
-Ray tasks. A local Ray sized to the machine starts on first use; RAY_ADDRESS joins a cluster."""
+"""Launching work on Ray: training loops in a TorchTrainer (one worker: a Ray task), embarrassingly
+parallel shards as Ray tasks. A local Ray sized to the machine starts on first use; RAY_ADDRESS
+joins a cluster."""
 
 from __future__ import annotations
 
@@ -99,20 +100,29 @@ def _worker_env() -> dict[str, str]:
 
 def fit(name: str, loop: Callable[[dict], Any], loop_config: dict, cfg: Config,
         storage: Path, max_failures: int = 3) -> Any:
-    """Run `loop` on cfg.ray.num_workers Ray Train workers; return rank 0's return value.
+    """Run `loop` on cfg.ray.num_workers Ray workers; return rank 0's return value.
 
-    The run name carries the stage's configuration fingerprint, so re-running the same
-    configuration reuses the same storage and the loop resumes from its own checkpoint.
-    A worker that dies is replaced up to `max_failures` times; the loop then resumes too.
+    Several workers train data-parallel in a TorchTrainer. One worker has no gradients to
+    average: its loop runs as a Ray task on a worker process that the run's earlier stages left
+    warm, which saves the ~10 s a TorchTrainer spends starting its controller and worker group
+    (docs/benchmarks.md). Either way a worker that dies is replaced up to `max_failures` times
+    and the loop resumes from its own checkpoint. The run name carries the stage's
+    configuration fingerprint, so re-running the same configuration reuses the same storage.
     """
+    ensure_ray(cfg)
+    stage = name.rsplit("-", 1)[0]  # run names are <stage>-<fingerprint>
+    loop = logging_to(Paths.at(loop_config["root"]).metrics_log(stage), loop)
+    if cfg.ray.num_workers == 1:
+        import ray
+
+        task = ray.remote(num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0,
+                          max_retries=max_failures, retry_exceptions=False)(loop)
+        return ray.get(task.options(name=name).remote(loop_config))
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ensure_ray(cfg)
-    stage = name.rsplit("-", 1)[0]  # run names are <stage>-<fingerprint>
     trainer = TorchTrainer(
-        logging_to(Paths.at(loop_config["root"]).metrics_log(stage), loop),
-        train_loop_config=loop_config,
+        loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
@@ -222,6 +232,7 @@ def logging_to(path: Path, loop: Callable[[dict], Any]) -> Callable[[dict], Any]
         logger, handler = logging.getLogger("rae_core"), StageLogHandler(path, rank)
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        log.info("%s: worker %d up", run.__name__, rank)  # marks the end of Ray's start-up
         try:
             return loop(config)
         finally:
