@@ -211,11 +211,17 @@ def _dispatch(args, root: Path) -> int:
             return 0
         from flows.services import attach
 
-        attach(args.command, root, cfg)  # the Prefect and Ray an earlier stage left running
+        # the Prefect and Ray an earlier run left, or new ones booting while this process
+        # imports the flows and opens the tracking store
+        services_ready = attach(args.command, root, cfg, wait=False)
         t0 = time.time()
+        from flows import tracking
         from flows.pipeline import pipeline_flow, stage_flow
 
-        logging.getLogger(__name__).info("rae: imports took %.1f s", time.time() - t0)
+        tracking.experiment_id(cfg, root)
+        logging.getLogger(__name__).info("rae: imports and tracking store took %.1f s",
+                                         time.time() - t0)
+        services_ready()
         if args.command == "run":
             pipeline_flow(cfg, str(root), args.until, args.force)
         else:
@@ -225,7 +231,8 @@ def _dispatch(args, root: Path) -> int:
 
 def _all_finished(args, cfg, root: Path) -> bool:
     """True, after saying so stage by stage, when every stage asked for finished under this
-    configuration, code and inputs: then neither Prefect, Ray nor MLflow need to start."""
+    configuration, code and inputs: then neither Prefect, Ray nor MLflow need to start. A
+    stage run on its own whose inputs another configuration made is refused here (DataError)."""
     from rae_core import provenance
     from rae_core.paths import Paths
 
@@ -235,6 +242,14 @@ def _all_finished(args, cfg, root: Path) -> bool:
     else:
         names, forced = [args.stage], {args.stage} if args.force else set()
     paths = Paths.at(root)
+    if args.command == "stage":  # an input of another configuration: refused before any server
+        import shlex
+
+        given = ["--preset", args.preset] if args.preset else []
+        given += [f"--set {shlex.quote(o)}" for o in args.overrides]
+        if args.params != "params.yaml":
+            given += ["--params", shlex.quote(args.params)]
+        provenance.check_inputs(args.stage, cfg, paths, given)
     decisions = [provenance.decide(n, cfg, paths, n in forced) for n in names]
     if any(d.run for d in decisions):
         return False

@@ -208,6 +208,7 @@ def stage_task(name: str, cfg_dict: dict, root: str, parent: str | None,
     if not decision.run:
         console.say(decision.line())
         return {**decision.outputs, "skipped": decision.reason}
+    provenance.check_inputs(name, cfg, paths)  # an input of another configuration: refused
     provenance.clear(name, paths)
     out = run_stage(name, cfg, paths, parent)
     provenance.record(name, cfg, paths, out)

@@ -63,6 +63,9 @@ class PretrainConfig(_Schema):
     warmup_steps: int = Field(40, ge=0)
     mask_ratio: Float = Field(0.75, ge=0.0, le=0.99)
     ckpt_every: int = Field(200, ge=1)
+    # non-finite steps in a row before the last checkpoint is restored with a remedy, and as
+    # many again after it before the run stops (rae_core.train.common.NonFiniteGuard)
+    nonfinite_patience: int = Field(10, ge=1)
 
 
 class EncoderConfig(_Schema):
@@ -134,6 +137,7 @@ class DecoderConfig(_Schema):
     gan: GanConfig = Field(default_factory=GanConfig)
     eval_every: int = Field(300, ge=1)
     ckpt_every: int = Field(200, ge=1)
+    nonfinite_patience: int = Field(10, ge=1)  # as encoder.pretrain.nonfinite_patience
 
 
 class GeneratorConfig(_Schema):
@@ -175,6 +179,7 @@ class GeneratorConfig(_Schema):
     mask_ratio: ListOf[Float] = Field(default_factory=lambda: [0.5, 1.0])
     sample_every: int = Field(400, ge=1)
     ckpt_every: int = Field(200, ge=1)
+    nonfinite_patience: int = Field(10, ge=1)  # as encoder.pretrain.nonfinite_patience
 
     def overrides(self) -> dict[str, int]:
         """The registered model config's width, depth, heads, patch and DiT-DH head width

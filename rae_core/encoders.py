@@ -402,10 +402,14 @@ class LatentStats:
     @classmethod
     def load(cls, path: str | Path, expected_identity: dict[str, Any]) -> LatentStats:
         """Load statistics, refusing those computed for another encoder/resolution/shape."""
+        from rae_core.store import safe_load, verify
+
         path = Path(path)
         if not path.is_file():
             raise DataError(f"{path}: latent statistics not found; run `rae stage stats` first")
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        hint = "re-make it with `rae stage stats --force`"
+        verify(path, hint)  # a damaged file fails here in one line, never as a bare traceback
+        payload = safe_load(path, hint)
         saved, expected = _canonical(payload["identity"]), _canonical(expected_identity)
         if saved != expected:
             raise RaeError(f"{path}: statistics were computed for {saved}, but the current "

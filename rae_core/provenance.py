@@ -6,11 +6,16 @@ completes, its record stores that identity and a signature of its outputs. A lat
 the stage when both still match and its upstream's outputs are those it read; anything else
 makes it run again, and the decision says why. A stage forced to run again under the same
 identity makes equivalent outputs, so its downstream stays finished unless the files differ.
+
+The same records tell a stage run on its own whether its inputs, at their fixed paths, were
+made under this configuration: one of another is refused before anything starts
+(check_inputs), and an optional one is passed over (the preview decoder of train-generator).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,6 +23,7 @@ from functools import cache
 from pathlib import Path
 
 from rae_core.config import Config, flatten
+from rae_core.errors import DataError
 from rae_core.paths import Paths
 from rae_core.store import read_record, signature, write_json
 
@@ -101,14 +107,17 @@ class Decision:
         return f"{self.stage}: {'runs' if self.run else 'skipped'} ({self.reason})"
 
 
+def _diff(before: dict, now: dict) -> str:
+    """The params whose values differ, with both values, in words; '' when none do."""
+    keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys[:3])
+    return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
 def _changed(name: str, cfg: Config, rec: dict) -> str:
     """Which of the stage's own inputs differ from the record's, in words."""
-    before, now = rec.get("params", {}), stage_params(name, cfg)
-    keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    if keys:
-        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys[:3])
-        return "params changed: " + shown + (f" and {len(keys) - 3} more" if len(keys) > 3
-                                              else "")
+    if diff := _diff(rec.get("params", {}), stage_params(name, cfg)):
+        return "params changed: " + diff
     if rec.get("code") != code_identity():
         return "rae_core's code changed"
     return "an upstream stage's inputs changed"
@@ -132,6 +141,54 @@ def decide(name: str, cfg: Config, paths: Paths, force: bool = False) -> Decisio
             return Decision(name, True, f"{up}'s outputs changed since", {})
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(rec.get("finished", 0)))
     return Decision(name, False, f"unchanged since {when}", rec.get("outputs", {}))
+
+
+def _foreign(name: str, cfg: Config, paths: Paths, rec: dict) -> tuple[str, dict] | None:
+    """The first stage, `name` (whose record is `rec`) or one whose outputs went into its
+    outputs, that ran under params other than `cfg`'s, with its record; None when all agree.
+    Records are followed while they describe the outputs that were read."""
+    if _diff(rec.get("params", {}), stage_params(name, cfg)):
+        return name, rec
+    for up in SPECS[name].upstream:
+        up_rec = read_record(record_path(paths, up))
+        if up_rec is not None and up_rec.get("signature") == rec.get("upstream", {}).get(up):
+            if found := _foreign(up, cfg, paths, up_rec):
+                return found
+    return None
+
+
+def _config_id(params: dict) -> str:
+    """A short hash of a stage's params: tells two configurations of one preset apart."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_inputs(name: str, cfg: Config, paths: Paths, given: list[str] | None = None) -> None:
+    """Refuse to run `name` on an input another configuration made: one line naming both
+    configurations and the command that re-makes the inputs (`given`: the command line's
+    configuration options; default: --preset). Called before any server or worker starts.
+
+    An input is judged by the records that describe it: its own while its signature matches
+    the files, then those of the stages it was made from. Code changes do not count (DVC re-runs
+    only the stages whose code changed), nor does an output no record describes (restored by
+    DVC, or made before records were kept): it is read as it is."""
+    stale = []
+    for up in SPECS[name].upstream:
+        rec = read_record(record_path(paths, up))
+        if rec is not None and rec.get("signature") == _signature(up, paths):
+            if found := _foreign(up, cfg, paths, rec):
+                stale.append((list(SPECS).index(up), up, *found))
+    if not stale:
+        return
+    stale.sort()
+    _, up, stage, rec = stale[0]
+    before, now = rec.get("params", {}), stage_params(stage, cfg)
+    made = ", ".join(SPECS[up].outputs) + ("" if stage == up else f" (from {stage}'s outputs)")
+    options = ["--preset", cfg.preset] if given is None else given
+    command = " ".join(["rae", "run", *options, "--until", stale[-1][1]])
+    raise DataError(f"{made}: made under preset {rec.get('preset')} (config {_config_id(before)}"
+                    f"), but {name} runs under preset {cfg.preset} (config {_config_id(now)}; "
+                    f"{stage} params differ: {_diff(before, now)}); re-make {name}'s inputs "
+                    f"with `{command}`")
 
 
 def clear(name: str, paths: Paths) -> None:

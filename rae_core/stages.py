@@ -22,22 +22,22 @@ log = logging.getLogger(__name__)
 
 
 def prepare(cfg: Config, paths: Paths) -> dict:
-    """Materialise the digits, or validate an existing image folder (ImageNet layout); on a
-    cluster, a worker node must see the same folder."""
+    """Make data.root hold exactly the data the config names: the digits materialised there, or
+    a link to data.source, replacing what prepare put there before (never a folder of the
+    user's); then validate it (ImageNet layout). On a cluster, a worker node must see the same
+    folder."""
     from rae_core.data.digits import materialise_digits
-    from rae_core.data.folder import validate_folder
+    from rae_core.data.folder import link_folder, validate_folder
 
     root = paths.dataset(cfg.data.root)
     if cfg.data.dataset == "digits":
         materialise_digits(root, cfg.data.val_fraction, cfg.seed)
-    elif cfg.data.source and paths.dataset(cfg.data.source) != root:
-        src = paths.dataset(cfg.data.source)
+    elif (src := paths.dataset(cfg.data.source)) != root:  # a source at data.root: used in place
         validate_folder(src, cfg.data.num_classes, check_files=False)  # layout; files below
-        if root.is_symlink() or not root.exists():
-            root.parent.mkdir(parents=True, exist_ok=True)
-            root.unlink(missing_ok=True)
-            root.symlink_to(src, target_is_directory=True)
+        link_folder(src, root)
     summary = validate_folder(root, cfg.data.num_classes, resolution=cfg.data.resolution)
+    # what data.root holds: tells apart datasets of the same layout
+    summary["source"] = cfg.data.source if cfg.data.dataset == "folder" else "digits"
     from rae_core.train.runner import check_dataset_on_workers
 
     setting = f"data.source={cfg.data.source}" if cfg.data.source else f"data.root={cfg.data.root}"
@@ -109,6 +109,7 @@ def stats(cfg: Config, paths: Paths) -> dict:
     from rae_core.autoencoder import load_encoder, residual_scale, stats_identity
     from rae_core.data.folder import scan_split
     from rae_core.encoders import LatentStats
+    from rae_core.store import checksum_path, write_checksum
     from rae_core.train.runner import map_shards
 
     n = len(scan_split(paths.dataset(cfg.data.root), "train"))
@@ -118,7 +119,9 @@ def stats(cfg: Config, paths: Paths) -> dict:
     for p in parts[1:]:
         total.merge(LatentStats.from_state_dict(p))
     encoder = load_encoder(cfg, paths)
+    checksum_path(paths.stats_file).unlink(missing_ok=True)  # not a stale one beside new stats
     total.save(paths.stats_file, stats_identity(cfg, encoder))
+    write_checksum(paths.stats_file)  # checked where train-generator loads them
     var = total.var
     out = {"count": int(total.count), "mean_abs_mean": float(total.mean.abs().mean()),
            "mean_var": float(var.mean()), "min_var": float(var.min())}
@@ -137,15 +140,16 @@ def _extract_shard(cfg_dict: dict, root: str, start: int, end: int, path: str) -
     cfg = from_dict(cfg_dict)
     z, y = _encode_range(cfg_dict, root, start, end, both_flips=True)
     atomic_save({"latents": z.to(getattr(torch, cfg.extract.dtype)), "labels": y,
-                 "start": start}, path)
+                 "start": start}, path, checksum=True)
     return path
 
 
 def extract(cfg: Config, paths: Paths) -> dict:
-    """Latents of every training image under both flips, in shards; finished shards are kept."""
+    """Latents of every training image under both flips, in shards; finished shards are kept,
+    damaged ones (checksum or loading) re-made."""
     from rae_core.autoencoder import load_encoder, stats_identity
     from rae_core.data.folder import scan_split
-    from rae_core.data.latents import MANIFEST, shard_name
+    from rae_core.data.latents import MANIFEST, reusable, shard_name
     from rae_core.train.runner import map_shards
 
     out = paths.latents_dir
@@ -162,11 +166,11 @@ def extract(cfg: Config, paths: Paths) -> dict:
     import json
 
     if marker.exists() and json.loads(marker.read_text()) != key:
-        for old in out.glob("shard-*.pt"):
+        for old in out.glob("shard-*.pt*"):  # and their checksums
             old.unlink()
     write_json(marker, key)
     todo = [(cfg.to_dict(), str(paths.root), a, b, str(out / shard_name(i)))
-            for i, (a, b) in enumerate(ranges) if not (out / shard_name(i)).exists()]
+            for i, (a, b) in enumerate(ranges) if not reusable(out / shard_name(i))]
     if len(todo) < len(ranges):
         log.info("extract: %d of %d shards already done", len(ranges) - len(todo), len(ranges))
     map_shards(_extract_shard, todo, cfg)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from rae_core.data.folder import PREPARED, staging, swap_in
 
 DIGITS_SIZE = 32
 
@@ -40,12 +41,12 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.n
 
 
 def materialise_digits(root: str | os.PathLike, val_fraction: float, seed: int) -> dict:
-    """Write the digits image folder at `root` (replacing it whole) and return its summary."""
+    """Write the digits image folder beside `root`, then swap it in whole (replacing a link or
+    digits written before; a folder prepare did not make is refused), and return its summary."""
     root = Path(root)
+    tmp = staging(root, "the digits")
     images, labels = digit_images()
     is_val = stratified_split(labels, val_fraction, seed)
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     counts: dict[str, dict[str, int]] = {"train": {}, "val": {}}
     for i, (img, label, val) in enumerate(zip(images, labels, is_val, strict=True)):
         split = "val" if val else "train"
@@ -55,10 +56,6 @@ def materialise_digits(root: str | os.PathLike, val_fraction: float, seed: int) 
         counts[split][str(label)] = counts[split].get(str(label), 0) + 1
     summary = {"dataset": "digits", "size": DIGITS_SIZE, "seed": seed,
                "val_fraction": val_fraction, "counts": counts}
-    (tmp / "dataset.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
-    old = root.with_name(root.name + ".old")
-    if root.exists():
-        os.replace(root, old)
-    os.replace(tmp, root)
-    shutil.rmtree(old, ignore_errors=True)
+    (tmp / PREPARED).write_text(json.dumps(summary, indent=1, sort_keys=True))
+    swap_in(tmp, root)
     return summary

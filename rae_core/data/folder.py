@@ -3,11 +3,17 @@
 The same reader serves the shipped digits and ILSVRC train/val folders. Images are converted to
 RGB (greyscale, palette and RGBA are accepted) and ADM-centre-cropped to the configured
 resolution.
+
+`prepare` owns the dataset folder (data.root): it puts the digits there, or a link to
+data.source, replacing what it put there before; a folder it did not make is never replaced.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +27,57 @@ from rae_core.errors import DataError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+PREPARED = "dataset.json"  # the summary inside a folder prepare materialised: its mark
+
+
+def _remove(path: Path) -> None:
+    """Delete a link (never what it points at), a file or a folder, where there is one."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _made_by_prepare(root: Path) -> bool:
+    try:
+        return "dataset" in json.loads((root / PREPARED).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def staging(root: Path, what: str) -> Path:
+    """Where the next content of the dataset folder `root` is made, beside it and emptied of an
+    interrupted attempt. Refuses, before anything is written, to replace a file or folder that
+    prepare did not make with `what`."""
+    if root.exists() and not root.is_symlink() and not _made_by_prepare(root):
+        raise DataError(f"{root}: not made by `rae stage prepare`, so it is not replaced by "
+                        f"{what}; move it away or set data.root to another path (to use it as "
+                        f"it is: data.dataset=folder data.source={root})")
+    # leftovers of an interrupted swap are prepare's own: a link or a folder it made
+    for leftover in (root.with_name(root.name + ".tmp"), root.with_name(root.name + ".old")):
+        _remove(leftover)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    return root.with_name(root.name + ".tmp")
+
+
+def swap_in(new: Path, root: Path) -> None:
+    """Put `new` (made at `staging(root)`) at `root`. A link replaces a link, and anything an
+    empty place, in one rename; otherwise (a rename puts nothing over a folder, nor a folder
+    over a link) what is there goes aside first and is removed after: `root` is missing only
+    between two renames, and the next `staging` clears what a crash there left aside."""
+    old = root.with_name(root.name + ".old")
+    present = root.is_symlink() or root.exists()
+    if present and not (root.is_symlink() and new.is_symlink()):
+        os.replace(root, old)
+    os.replace(new, root)
+    _remove(old)
+
+
+def link_folder(source: Path, root: Path) -> None:
+    """Make the dataset folder `root` a link to the image folder `source`."""
+    tmp = staging(root, f"a link to {source}")
+    tmp.symlink_to(source, target_is_directory=True)
+    swap_in(tmp, root)
 
 
 def center_crop_adm(image: Image.Image, size: int) -> np.ndarray:

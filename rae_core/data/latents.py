@@ -1,23 +1,50 @@
 """Latent shards written by `extract` and the sources the DiT trainer reads batches from.
 
 A shard holds the raw (un-normalised) latents of a run of training images under both horizontal
-flips, (n, 2, C, H, W); a source picks one flip at random per sample and normalises.
+flips, (n, 2, C, H, W); a source picks one flip at random per sample and normalises. Each shard
+has its checksum beside it (rae_core.store): `extract` re-makes a shard that fails it or fails
+to load; a source, which maps the shards into memory rather than reading them through, checks
+only that each loads.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from rae_core.errors import DataError
+from rae_core.store import safe_load, verify
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+REMAKE = "re-make it with `rae stage extract --force`"
 
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.pt"
+
+
+def load_shard(path: Path, hint: str = REMAKE) -> dict:
+    """A shard's tensors, memory-mapped; DataError naming it when it cannot be loaded."""
+    return safe_load(path, hint, mmap=True)
+
+
+def reusable(path: Path) -> bool:
+    """Whether `extract` may keep a finished shard: it exists, matches its checksum and loads.
+    A damaged one is named in a warning, to be re-made."""
+    if not path.exists():
+        return False
+    try:
+        verify(path, "re-making it")
+        load_shard(path, "re-making it")
+    except DataError as e:
+        log.warning("extract: %s", e)
+        return False
+    return True
 
 
 def read_manifest(latents_dir: Path) -> dict:
@@ -36,8 +63,7 @@ class ShardSource:
         if manifest["identity"] != expected_identity:
             raise DataError(f"{latents_dir}: latents were extracted with {manifest['identity']} "
                             f"but the configuration needs {expected_identity}; re-run extract")
-        parts = [torch.load(Path(latents_dir) / s, map_location="cpu", weights_only=True,
-                            mmap=True) for s in manifest["shards"]]
+        parts = [load_shard(Path(latents_dir) / s) for s in manifest["shards"]]
         self.latents = torch.cat([p["latents"] for p in parts])  # (N, 2, C, H, W)
         self.labels = torch.cat([p["labels"] for p in parts])  # (N,)
         self.stats, self.hflip = stats, hflip

@@ -1,4 +1,5 @@
-"""Pieces every training loop shares: atomic checkpoints, EMA, lr schedules, metric logs."""
+"""Pieces every training loop shares: atomic checkpoints, EMA, lr schedules, metric logs, the
+guard against non-finite steps."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from rae_core.errors import DataError
-from rae_core.store import atomic_save, safe_load
+from rae_core.errors import DataError, RaeError
+from rae_core.plots import LossCurve
+from rae_core.store import atomic_save, checksum_path, safe_load, verify
 
 log = logging.getLogger(__name__)
 
@@ -28,34 +30,68 @@ class Checkpointer:
     the batch `batch_indices(seed, step)`, so the step alone restores both exactly, and a
     resumed run reproduces an uninterrupted one bit for bit on the CPU. The learning rate is a
     pure function of the step too.
+
+    Each save moves the checkpoint before it to `prev.pt`, and each file has its checksum
+    beside it: a `last.pt` that a crash left damaged (it fails its checksum or to load) is set
+    aside and the run resumes from `prev.pt`, or from step 0 when that is damaged too.
     """
 
     def __init__(self, run_dir: str | Path, fingerprint: str, stage: str):
         self.path = Path(run_dir) / "last.pt"
+        self.prev = self.path.with_name("prev.pt")
         self.fingerprint, self.stage = fingerprint, stage
 
     @property
     def last_good(self) -> Path | None:
-        """The checkpoint a failing run keeps, if one was written."""
-        return self.path if self.path.exists() else None
+        """The checkpoint a resume would load (by its checksum), if one was written."""
+        for path in (self.path, self.prev):
+            try:
+                verify(path)
+                return path
+            except DataError:
+                continue
+        return None
 
     def resume(self, **states: Any) -> int:
-        """Load every named state (modules, optimisers) from last.pt; returns its step, or 0."""
-        if not self.path.exists():
-            return 0
-        state = safe_load(self.path)
-        if state.get("fingerprint") != self.fingerprint:
-            raise DataError(f"{self.path}: checkpoint of another configuration "
-                            f"({state.get('fingerprint')}, this run is {self.fingerprint}); "
-                            "move it away or restore the configuration that wrote it")
-        for name, obj in states.items():
-            obj.load_state_dict(state[name])
-        log.info("%s: resumed at step %d from %s", self.stage, state["step"], self.path)
-        return state["step"]
+        """Load every named state (modules, optimisers) from last.pt, or from prev.pt where
+        last.pt is damaged; returns its step, or 0."""
+        found = [p for p in (self.path, self.prev) if p.exists()]
+        for i, path in enumerate(found):
+            aside = path.with_name(f"{path.name}.damaged")  # the next save must not rotate it
+            then = f"falling back to {found[i + 1].name}" if i + 1 < len(found) else \
+                "starting from step 0"
+            hint = f"set aside as {aside.name}, {then}"
+            try:
+                verify(path, hint)
+                state = safe_load(path, hint)
+                if not isinstance(state, dict) or "step" not in state:
+                    raise DataError(f"{path}: not a checkpoint; {hint}")
+            except DataError as e:
+                log.warning("%s: %s", self.stage, e)
+                path.replace(aside)
+                checksum_path(path).unlink(missing_ok=True)
+                continue
+            if state.get("fingerprint") != self.fingerprint:
+                raise DataError(f"{path}: checkpoint of another configuration "
+                                f"({state.get('fingerprint')}, this run is {self.fingerprint}); "
+                                "move it away or restore the configuration that wrote it")
+            for name, obj in states.items():
+                obj.load_state_dict(state[name])
+            log.info("%s: resumed at step %d from %s", self.stage, state["step"], path)
+            return state["step"]
+        return 0
 
     def save(self, step: int, **states: Any) -> None:
+        # The checksum moves first: at any crash, last.pt and prev.pt each have their own
+        # checksum or none (then loading checks them), never the other's.
+        if self.path.exists():
+            if checksum_path(self.path).exists():
+                os.replace(checksum_path(self.path), checksum_path(self.prev))
+            else:
+                checksum_path(self.prev).unlink(missing_ok=True)
+            os.replace(self.path, self.prev)
         atomic_save({name: obj.state_dict() for name, obj in states.items()}
-                    | {"step": step, "fingerprint": self.fingerprint}, self.path)
+                    | {"step": step, "fingerprint": self.fingerprint}, self.path, checksum=True)
         kill_drill(self.stage, step, self.path.parent)
 
 
@@ -148,8 +184,86 @@ class MetricsLog:
         self._write({"step": step, "time": time.time(), "event": message})
 
 
-def check_finite(loss: torch.Tensor, step: int, stage: str, last_ckpt: Path | None) -> None:
-    if not torch.isfinite(loss):
-        kept = f"; the last good checkpoint {last_ckpt} is kept" if last_ckpt else ""
-        raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {step}{kept}; "
-                                 "lower the learning rate or check the inputs")
+def grad_norm(module: nn.Module) -> torch.Tensor:
+    """The L2 norm of all of a module's gradients, to check, not to clip."""
+    return torch.nn.utils.get_total_norm([p.grad for p in module.parameters()
+                                          if p.grad is not None])
+
+
+class NonFiniteError(RaeError):
+    """Training stayed non-finite after its remedy."""
+
+
+class NonFiniteGuard:
+    """Rides through numerical faults instead of stopping at the first non-finite loss.
+
+    A step whose loss or gradient norm is not finite is skipped (no optimiser or EMA update)
+    and counted (metric `nonfinite_steps`). After `patience` such steps in a row the last good
+    checkpoint is restored and training goes on with a remedy: autocast off where the loop ran
+    in bf16, half the learning rate otherwise. `patience` more in a row stop the run.
+    The loop iterates over `steps(start, total)`, so that a restore takes it back.
+    """
+
+    def __init__(self, stage: str, section: str, patience: int, ckpt: Checkpointer,
+                 states: dict[str, Any], metrics: MetricsLog, curve: LossCurve, bf16: bool = False,
+                 world: int = 1):
+        self.stage, self.section, self.patience = stage, section, patience
+        self.ckpt, self.states, self.metrics, self.curve = ckpt, states, metrics, curve
+        self.bf16, self.world = bf16, world  # bf16: whether the loop autocasts (until the remedy)
+        self.lr_scale = 1.0
+        self.remedy: str | None = None  # what was tried, once it was
+        self.skipped = self.streak = 0
+        self._next = 0
+
+    def steps(self, start: int, total: int):
+        """The loop's steps from `start` to `total`, back to the checkpoint's after a restore."""
+        self._next = start
+        while self._next < total:
+            step, self._next = self._next, self._next + 1
+            yield step
+
+    def finite(self, *values: torch.Tensor) -> bool:
+        """Whether the step's losses and gradient norms are all finite, on every rank (a
+        finite step ends a run of skipped ones)."""
+        flags = [torch.isfinite(v.detach()).all() for v in values]
+        ok = torch.stack([f.to(flags[0].device) for f in flags]).all()
+        if self.world > 1:
+            ok = ok.int()
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        if not bool(ok):
+            return False
+        self.streak = 0
+        return True
+
+    def skip(self, step: int) -> None:
+        """Count step `step` as skipped; after `patience` in a row, restore and remedy."""
+        self.skipped += 1
+        self.streak += 1
+        log.warning("%s: loss or gradient norm not finite at step %d; update skipped "
+                    "(%d in a row, %d in all)", self.stage, step, self.streak, self.skipped)
+        self.metrics.metrics(step + 1, nonfinite_steps=self.skipped)
+        if self.streak < self.patience:
+            return
+        if self.remedy is not None:
+            kept = self.ckpt.last_good
+            raise NonFiniteError(
+                f"{self.stage}: loss or gradient norm not finite for {self.patience} steps in a "
+                f"row at step {step}, also after {self.remedy}"
+                + (f"; the last good checkpoint {kept} is kept" if kept else "")
+                + f"; check the inputs or lower {self.section}.lr")
+        self.streak = 0
+        if self.bf16:
+            cure, self.bf16 = "autocast off (fp32)", False
+        else:
+            cure, self.lr_scale = "half the learning rate", 0.5
+        restored = self.ckpt.resume(**self.states)
+        if restored:
+            self._next = restored
+            self.curve.rows = [r for r in self.curve.rows if r["step"] <= restored]
+            self.remedy = f"restoring step {restored} with {cure}"
+        else:
+            self.remedy = f"going on with {cure} (no checkpoint yet)"
+        log.warning("%s: %d non-finite steps in a row at step %d (%s.nonfinite_patience); %s",
+                    self.stage, self.patience, step, self.section, self.remedy)
+        self.metrics.event(step + 1, f"non-finite steps: {self.remedy}")
+        self.metrics.metrics(step + 1, nonfinite_restores=1.0, lr_scale=self.lr_scale)

@@ -24,8 +24,9 @@ from rae_core.train.common import (
     EMA,
     Checkpointer,
     MetricsLog,
+    NonFiniteGuard,
     average_gradients,
-    check_finite,
+    grad_norm,
     set_lr,
     warmup_cosine,
 )
@@ -99,11 +100,15 @@ def train_loop(config: dict) -> dict:
     opt_d = torch.optim.AdamW(disc_params, lr=g.disc_lr, betas=tuple(d.betas), weight_decay=0.0)
     metrics = MetricsLog(paths.metrics_log("train-decoder"), enabled=rank == 0)
     ckpt = Checkpointer(run_dir, config["fingerprint"], "train-decoder")
-    start = ckpt.resume(model=decoder, ema=ema.model, opt=opt, disc=disc, opt_d=opt_d)
+    states = {"model": decoder, "ema": ema.model, "opt": opt, "disc": disc, "opt_d": opt_d}
+    start = ckpt.resume(**states)
     if start:
         metrics.event(start, f"resumed at step {start}")
     curve = LossCurve(paths, "train-decoder", run_dir, start, enabled=rank == 0)
-    for step in range(start, d.steps):
+    guard = NonFiniteGuard("train-decoder", "decoder", d.nonfinite_patience, ckpt, states,
+                           metrics, curve, world=world)
+    zero = torch.zeros((), device=device)
+    for step in guard.steps(start, d.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
         idx = rank_slice(batch_indices(len(source), d.batch_size, cfg.seed, step), rank, world)
@@ -122,16 +127,13 @@ def train_loop(config: dict) -> dict:
             gan_loss = generator_loss(disc(fake))
             lam = adaptive_gan_weight(rec_loss, gan_loss, decoder.last_layer_weight)
         loss = rec_loss + g.weight * lam * gan_loss
-        check_finite(loss.detach(), step, "train-decoder", ckpt.last_good)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(decoder, world)
-        lr = warmup_cosine(step, d.lr, d.min_lr, d.warmup_steps, d.steps)
-        set_lr(opt, lr)
-        opt.step()
-        ema.update(decoder)
-        d_loss = torch.zeros((), device=device)
-        if step >= g.disc_start_step:
+        # the discriminator's gradients too before any update: a step updates both or neither
+        disc_step = step >= g.disc_start_step
+        d_loss, d_norm = zero, zero
+        if disc_step:
             real, fake = x, _quantise(rec.detach())
             if g.diffaug:
                 real, fake = diff_augment(real), diff_augment(fake)
@@ -139,6 +141,16 @@ def train_loop(config: dict) -> dict:
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             average_gradients(disc, world)
+            d_norm = grad_norm(disc)
+        if not guard.finite(loss, grad_norm(decoder), d_loss, d_norm):
+            guard.skip(step)
+            continue
+        lr = guard.lr_scale * warmup_cosine(step, d.lr, d.min_lr, d.warmup_steps, d.steps)
+        set_lr(opt, lr)
+        opt.step()
+        ema.update(decoder)
+        if disc_step:
+            set_lr(opt_d, guard.lr_scale * g.disc_lr)
             opt_d.step()
         done = step + 1
         if done % 10 == 0 or done == d.steps:
@@ -150,7 +162,7 @@ def train_loop(config: dict) -> dict:
                             psnr=batch_psnr.item(), lr=lr)
             curve.add(done, loss.item())
         if rank == 0 and (done % d.ckpt_every == 0 or done == d.steps):
-            ckpt.save(done, model=decoder, ema=ema.model, opt=opt, disc=disc, opt_d=opt_d)
+            ckpt.save(done, **states)
             curve.write()
         if rank == 0 and (done % d.eval_every == 0 or done == d.steps):
             vx = val_images[:256].to(device)

@@ -25,13 +25,15 @@ from rae_core.train.common import (
     EMA,
     Checkpointer,
     MetricsLog,
-    check_finite,
+    NonFiniteGuard,
     set_lr,
     warmup_constant_linear,
 )
 from rae_core.train.sampler import batch_indices, rank_slice, step_seed
 
 log = logging.getLogger(__name__)
+
+
 
 
 def make_source(cfg: Config, paths: Paths, encoder, stats, device):
@@ -93,10 +95,13 @@ def train_loop(config: dict) -> dict:
                             weight_decay=d.weight_decay, fused=device.type == "cuda")
     metrics = MetricsLog(paths.metrics_log("train-generator"), enabled=rank == 0)
     ckpt = Checkpointer(run_dir, config["fingerprint"], "train-generator")
-    start = ckpt.resume(model=model, ema=ema.model, opt=opt)
+    states = {"model": model, "ema": ema.model, "opt": opt}
+    start = ckpt.resume(**states)
     if start:
         metrics.event(start, f"resumed at step {start}")
     curve = LossCurve(paths, "train-generator", run_dir, start, enabled=rank == 0)
+    guard = NonFiniteGuard("train-generator", "generator", d.nonfinite_patience, ckpt, states,
+                           metrics, curve, bf16=d.precision == "bf16", world=world)
     loss_fn = objective(cfg, latent_shape)
     net = model
     if world > 1:
@@ -107,7 +112,7 @@ def train_loop(config: dict) -> dict:
         net = torch.compile(net)
     decoder = None  # loaded at the first preview grid: train-decoder may run alongside
     step_loss = torch.full((), float("nan"))  # stays NaN only when resuming a finished run
-    for step in range(start, d.steps):
+    for step in guard.steps(start, d.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
         idx = rank_slice(batch_indices(len(source), d.batch_size, cfg.seed, step), rank, world)
@@ -117,12 +122,14 @@ def train_loop(config: dict) -> dict:
         t = loss_fn.sample_time(len(x), generator=gen).to(device)
         opt.zero_grad(set_to_none=True)
         step_loss = accumulate_gradients(net, loss_fn, (x, y, noise, t), d.grad_accum,
-                                         distributed=world > 1, bf16=d.precision == "bf16")
-        check_finite(step_loss, step, "train-generator", ckpt.last_good)
+                                         distributed=world > 1, bf16=guard.bf16)
         clip = d.grad_clip if d.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        lr = warmup_constant_linear(step, d.lr, d.min_lr, d.warmup_steps, d.decay_start_step,
-                                    d.steps)
+        if not guard.finite(step_loss, grad_norm):
+            guard.skip(step)
+            continue
+        lr = guard.lr_scale * warmup_constant_linear(step, d.lr, d.min_lr, d.warmup_steps,
+                                                     d.decay_start_step, d.steps)
         set_lr(opt, lr)
         opt.step()
         ema.update(model)
@@ -138,7 +145,7 @@ def train_loop(config: dict) -> dict:
             atomic_save({"model": ema.model.state_dict(), "step": done, "name": d.model,
                          "overrides": cfg.generator.overrides(), "latent_shape": list(latent_shape),
                          **meta}, run_dir / f"ema-step{done:07d}.pt")
-            ckpt.save(done, model=model, ema=ema.model, opt=opt)
+            ckpt.save(done, **states)
             curve.write()
         if rank == 0 and (done % d.sample_every == 0 or done == d.steps):
             decoder = decoder or _optional_decoder(cfg, paths, encoder, device)

@@ -30,8 +30,9 @@ from rae_core.store import write_json
 from rae_core.train.common import (
     Checkpointer,
     MetricsLog,
+    NonFiniteGuard,
     average_gradients,
-    check_finite,
+    grad_norm,
     set_lr,
     warmup_cosine,
 )
@@ -139,8 +140,10 @@ def train_loop(config: dict) -> dict:
     if start:
         metrics.event(start, f"resumed at step {start}")
     curve = LossCurve(paths, "pretrain-encoder", run_dir, start, enabled=rank == 0)
+    guard = NonFiniteGuard("pretrain-encoder", "encoder.pretrain", p.nonfinite_patience, ckpt,
+                           states, metrics, curve, world=world)
     zero = torch.zeros((), device=device)
-    for step in range(start, p.steps):
+    for step in guard.steps(start, p.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))  # also draws the posterior sample
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
         idx = rank_slice(batch_indices(len(source), p.batch_size, cfg.seed, step), rank, world)
@@ -155,15 +158,13 @@ def train_loop(config: dict) -> dict:
             gan_loss = generator_loss(disc(diff_augment(rec) if g.diffaug else rec))
             lam = adaptive_gan_weight(rec_loss, gan_loss, recipe.last_layer_weight())
         loss = rec_loss + reg + g.weight * lam * gan_loss
-        check_finite(loss.detach(), step, "pretrain-encoder", ckpt.last_good)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(model, world)
-        lr = warmup_cosine(step, p.lr, p.lr * 0.1, p.warmup_steps, p.steps)
-        set_lr(opt, lr)
-        opt.step()
-        d_loss = zero
-        if use_gan and step >= g.disc_start_step:
+        # the discriminator's gradients too before any update: a step updates both or neither
+        disc_step = use_gan and step >= g.disc_start_step
+        d_loss, d_norm = zero, zero
+        if disc_step:
             real, fake = x, rec.detach().clamp(0, 1).mul(255).round().div(255)  # as saved
             if g.diffaug:
                 real, fake = diff_augment(real), diff_augment(fake)
@@ -171,6 +172,15 @@ def train_loop(config: dict) -> dict:
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             average_gradients(disc, world)
+            d_norm = grad_norm(disc)
+        if not guard.finite(loss, grad_norm(model), d_loss, d_norm):
+            guard.skip(step)
+            continue
+        lr = guard.lr_scale * warmup_cosine(step, p.lr, p.lr * 0.1, p.warmup_steps, p.steps)
+        set_lr(opt, lr)
+        opt.step()
+        if disc_step:
+            set_lr(opt_d, guard.lr_scale * g.disc_lr)
             opt_d.step()
         done = step + 1
         if "perplexity" in reg_metrics:  # the codebook's usage, at every step

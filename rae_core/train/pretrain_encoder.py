@@ -16,8 +16,9 @@ from rae_core.store import atomic_save
 from rae_core.train.common import (
     Checkpointer,
     MetricsLog,
+    NonFiniteGuard,
     average_gradients,
-    check_finite,
+    grad_norm,
     set_lr,
     warmup_cosine,
 )
@@ -41,22 +42,27 @@ def train_loop(config: dict) -> dict:
                             weight_decay=p.weight_decay)
     metrics = MetricsLog(paths.metrics_log("pretrain-encoder"), enabled=rank == 0)
     ckpt = Checkpointer(run_dir, config["fingerprint"], "pretrain-encoder")
-    start = ckpt.resume(model=mae, opt=opt)
+    states = {"model": mae, "opt": opt}
+    start = ckpt.resume(**states)
     if start:
         metrics.event(start, f"resumed at step {start}")
     curve = LossCurve(paths, "pretrain-encoder", run_dir, start, enabled=rank == 0)
+    guard = NonFiniteGuard("pretrain-encoder", "encoder.pretrain", p.nonfinite_patience, ckpt,
+                           states, metrics, curve, world=world)
     loss = torch.zeros(())
-    for step in range(start, p.steps):
+    for step in guard.steps(start, p.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
         idx = rank_slice(batch_indices(len(source), p.batch_size, cfg.seed, step), rank, world)
         x, _ = source.get(idx, gen)
         loss = mae.mae_loss(x.to(device), mask_ratio=p.mask_ratio)
-        check_finite(loss.detach(), step, "pretrain-encoder", ckpt.last_good)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(mae, world)  # same initial weights on every rank (same seed)
-        lr = warmup_cosine(step, p.lr, p.lr * 0.1, p.warmup_steps, p.steps)
+        if not guard.finite(loss, grad_norm(mae)):
+            guard.skip(step)
+            continue
+        lr = guard.lr_scale * warmup_cosine(step, p.lr, p.lr * 0.1, p.warmup_steps, p.steps)
         set_lr(opt, lr)
         opt.step()
         done = step + 1
@@ -64,7 +70,7 @@ def train_loop(config: dict) -> dict:
             metrics.metrics(done, mae_loss=loss.item(), lr=lr)
             curve.add(done, loss.item())
         if rank == 0 and (done % p.ckpt_every == 0 or done == p.steps):
-            ckpt.save(done, model=mae, opt=opt)
+            ckpt.save(done, **states)
             curve.write()
     curve.write()
     if rank == 0:
