@@ -207,8 +207,12 @@ def _dispatch(args, root: Path) -> int:
 
     what = "rae run" if args.command == "run" else f"rae stage {args.stage}"
     with project_lock(root, what):  # refuse a second writer before the slow imports
-        if _all_finished(args, cfg, root):
+        stages = _to_run(args, cfg, root)
+        if not stages:
             return 0
+        from rae_core.validate import preflight
+
+        preflight(cfg, root, stages)  # bad data or weights: one line, before any server starts
         from flows.services import attach
 
         # the Prefect and Ray an earlier run left, or new ones booting while this process
@@ -229,10 +233,11 @@ def _dispatch(args, root: Path) -> int:
     return 0
 
 
-def _all_finished(args, cfg, root: Path) -> bool:
-    """True, after saying so stage by stage, when every stage asked for finished under this
-    configuration, code and inputs: then neither Prefect, Ray nor MLflow need to start. A
-    stage run on its own whose inputs another configuration made is refused here (DataError)."""
+def _to_run(args, cfg, root: Path) -> list[str]:
+    """The stages asked for that have to run. None, after saying so stage by stage, when every
+    one finished under this configuration, code and inputs: then neither Prefect, Ray nor
+    MLflow need to start. A stage run on its own whose inputs another configuration made is
+    refused here (DataError)."""
     from rae_core import provenance
     from rae_core.paths import Paths
 
@@ -252,11 +257,11 @@ def _all_finished(args, cfg, root: Path) -> bool:
         provenance.check_inputs(args.stage, cfg, paths, given)
     decisions = [provenance.decide(n, cfg, paths, n in forced) for n in names]
     if any(d.run for d in decisions):
-        return False
+        return [n for n, d in zip(names, decisions, strict=True) if d.run]
     for d in decisions:
         print(d.line())
     print("nothing to run: every stage is finished (--force STAGE runs one again)")
-    return True
+    return []
 
 
 def _experiment(args) -> str:

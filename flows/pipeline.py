@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -167,19 +168,27 @@ def _ray_cluster() -> str:
 
 
 def root_cause(e: BaseException) -> BaseException:
-    """The error under Ray's and Prefect's wrappers: the first RaeError, or the innermost."""
+    """The error under Ray's and Prefect's wrappers: the first RaeError, or the innermost. Ray
+    re-raises a worker's error as a RayTaskError that also subclasses the error's own type, so
+    its `cause` (the worker's exception itself) is taken before anything else."""
     seen = e
     while True:
-        inner = getattr(seen, "cause", None) or seen.__cause__
-        if isinstance(seen, RaeError) or inner is None or inner is seen:
+        ray_cause = getattr(seen, "cause", None)
+        if isinstance(ray_cause, BaseException) and ray_cause is not seen:
+            seen = ray_cause
+            continue
+        if isinstance(seen, RaeError) or seen.__cause__ is None or seen.__cause__ is seen:
             return seen
-        seen = inner
+        seen = seen.__cause__
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def one_line(e: BaseException) -> str:
     """The user-facing line of an error, unwrapping Ray's wrappers to the original cause."""
     seen = root_cause(e)
-    msg = str(seen).strip().splitlines()
+    msg = [ln for ln in ANSI.sub("", str(seen)).strip().splitlines() if ln.strip()]
     return f"{type(seen).__name__}: {msg[-1] if msg else ''}" if not isinstance(
         seen, RaeError) else (msg[0] if msg else type(seen).__name__)
 

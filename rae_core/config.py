@@ -152,13 +152,13 @@ class GeneratorConfig(_Schema):
     heads: int | None = Field(None, ge=1)
     patch: int | None = Field(None, ge=1)  # a token is a patch x patch square (2 on a 4x8x8 VAE latent)
     head_hidden: int | None = Field(None, ge=1)  # DiT-DH: the width of its head
-    steps: int = Field(800, ge=1)
+    steps: int = Field(700, ge=1)
     batch_size: int = Field(128, ge=1)  # global batch, split across workers and accumulation steps
     grad_accum: int = Field(1, ge=1)
     lr: Float = Field(2e-3, gt=0.0)
     min_lr: Float = Field(1e-4, ge=0.0)
     warmup_steps: int = Field(100, ge=0)
-    decay_start_step: int = Field(400, ge=0)  # constant lr until here, then linear decay to min_lr
+    decay_start_step: int = Field(350, ge=0)  # constant lr until here, then linear decay to min_lr
     betas: ListOf[Float] = Field(default_factory=lambda: [0.9, 0.95])
     weight_decay: Float = Field(0.0, ge=0.0)
     ema: Float = Field(0.995, ge=0.0, le=1.0)
@@ -177,7 +177,7 @@ class GeneratorConfig(_Schema):
     residual_weight: Float = Field(1.0, ge=0.0)
     residual_scale: Float | None = Field(None, gt=0.0)
     mask_ratio: ListOf[Float] = Field(default_factory=lambda: [0.5, 1.0])
-    sample_every: int = Field(400, ge=1)
+    sample_every: int = Field(350, ge=1)
     ckpt_every: int = Field(200, ge=1)
     nonfinite_patience: int = Field(10, ge=1)  # as encoder.pretrain.nonfinite_patience
 

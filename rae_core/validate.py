@@ -105,3 +105,39 @@ def model_table() -> str:
                      f"{enc_macs / 1e9:.4g} GMAC, decoder {dec / 1e6:.1f}M / "
                      f"{dec_macs / 1e9:.4g} GMAC")
     return "\n".join(lines)
+
+
+# Beyond this many images a folder's files are opened by prepare alone (ImageNet: minutes).
+PREFLIGHT_MAX_FILES = 20_000
+
+
+def preflight(cfg: Config, root, stages: list[str]) -> None:
+    """The data and weight files that `stages` will read, checked in the driver before any
+    server or worker starts, so that their errors come in seconds: the image folder (layout,
+    class count, and every file of a small one) and each configured local weights file."""
+    from pathlib import Path
+
+    from rae_core.errors import WeightsMissingError
+    from rae_core.paths import Paths
+
+    paths = Paths.at(root)
+    if "prepare" in stages and cfg.data.dataset == "folder":
+        from rae_core.data.folder import validate_folder
+
+        folder = paths.dataset(cfg.data.source or cfg.data.root)
+        layout = validate_folder(folder, cfg.data.num_classes, check_files=False)
+        if layout["train"] + layout["val"] <= PREFLIGHT_MAX_FILES:
+            validate_folder(folder, cfg.data.num_classes, resolution=0)
+    readers = {"encoder.weights": [s for s in stages if s != "prepare"],
+               "decoder.gan.disc_weights": ["train-decoder"],
+               "decoder.lpips_weights": ["train-decoder"],
+               "evaluate.inception_weights": ["evaluate"]}
+    for key, users in readers.items():
+        value = cfg.flat().get(key)
+        if value and set(users) & set(stages) and not Path(value).expanduser().exists():
+            raise WeightsMissingError(f"{key}: {value} not found; set it to an existing local "
+                                      "file")
+    if "evaluate" in stages and cfg.evaluate.extractor == "inception":
+        from rae_core.metrics.features import resolve_inception_weights
+
+        resolve_inception_weights(cfg.evaluate.inception_weights)

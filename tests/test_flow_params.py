@@ -23,7 +23,7 @@ def test_the_config_is_a_typed_form_with_every_section(flow_fn, param):
     fields = _fields(schema, param)
     assert {"data", "encoder", "decoder", "generator", "sample", "evaluate"} <= set(fields)
     generator = schema.definitions[fields["generator"]["$ref"].rsplit("/", 1)[-1]]
-    assert generator["properties"]["steps"]["default"] == 800  # the embedded default
+    assert generator["properties"]["steps"]["default"] == 700  # the embedded default
 
 
 def test_a_deployment_run_names_a_bad_stage_to_force():
