@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,9 @@ from rae_core.stages import STAGES
 
 log = logging.getLogger(__name__)
 ORDER = list(STAGES)
+# (project root, stage) -> set when that stage of the running pipeline has ended: a stage that
+# runs beside another and needs its output at its very end waits on it
+IN_FLIGHT: dict[tuple[str, str], threading.Event] = {}
 TRAINING_STAGES = ("pretrain-encoder", "train-decoder", "train-generator")
 
 
@@ -78,6 +82,15 @@ def _register_model(name: str, cfg: Config, paths: Paths, run_id: str) -> None:
         from functools import partial
 
         from flows.pyfunc_model import log_generator
+
+        # the model carries the decoder, which train-decoder may still be training beside it
+        if (decoder_done := IN_FLIGHT.get((str(paths.root), "train-decoder"))) is not None:
+            decoder_done.wait()
+        if not (paths.decoder_dir / "decoder.pt").exists():
+            log.warning("train-generator: not registered, no decoder in %s yet; `rae stage "
+                        "train-generator --force` after train-decoder registers it",
+                        paths.decoder_dir)
+            return
 
         # a pyfunc model that makes images: the generator with its decoder and statistics
         version = tracking.register(run_id, partial(log_generator, cfg, paths),
@@ -211,7 +224,14 @@ def stage_task(name: str, cfg_dict: dict, root: str, parent: str | None,
                force: bool = False) -> dict:
     """A stage, unless its record shows it finished under the same params, code and inputs:
     then its recorded outputs, with `skipped`."""
-    cfg, paths = from_dict(cfg_dict), Paths.at(root)
+    try:
+        return _stage(name, from_dict(cfg_dict), Paths.at(root), parent, force)
+    finally:
+        if (done := IN_FLIGHT.get((str(Paths.at(root).root), name))) is not None:
+            done.set()
+
+
+def _stage(name: str, cfg: Config, paths: Paths, parent: str | None, force: bool) -> dict:
     decision = provenance.decide(name, cfg, paths, force)
     log.info("%s", decision.line())
     if not decision.run:
@@ -249,6 +269,8 @@ def _pipeline(cfg: Config, paths: Paths, cfg_dict: dict, root: str, until: str |
         # Each stage starts when the stages it reads from are done, so independent ones
         # (train-decoder beside stats, extract and train-generator) share the workers.
         for name in names:
+            IN_FLIGHT[(str(paths.root), name)] = threading.Event()
+        for name in names:
             after = [futures[u] for u in provenance.SPECS[name].upstream if u in futures]
             futures[name] = stage_task.with_options(name=name).submit(
                 name, cfg_dict, root, parent, name in force, wait_for=after)
@@ -258,6 +280,9 @@ def _pipeline(cfg: Config, paths: Paths, cfg_dict: dict, root: str, until: str |
     except BaseException as e:
         tracking.end_run(parent, "FAILED", one_line(e))
         raise
+    finally:
+        for name in names:
+            IN_FLIGHT.pop((str(paths.root), name), None)
     totals = {"wall_s": time.time() - t0,
               "ray_startup_s": sum(o.get("startup_s", 0.0) for o in outputs.values()),
               "tracking_s": sum(o.get("tracking_s", 0.0) for o in outputs.values())}

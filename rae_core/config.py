@@ -42,7 +42,7 @@ class _Schema(BaseModel):
 
 
 class DataConfig(_Schema):
-    dataset: Literal["digits", "folder"] = "digits"
+    dataset: Literal["digits", "photos", "folder"] = "digits"
     source: str | None = None  # an existing image folder (train/, val/ with class sub-folders)
     root: str = "data/dataset"  # where `prepare` materialises the digits or links `source`
     resolution: int = Field(32, ge=8, le=2048)

@@ -182,13 +182,39 @@ def sample_metrics(images: np.ndarray, labels: np.ndarray, extractor, ref: Refer
     return m
 
 
+def seam_energies(images: torch.Tensor, period: int) -> np.ndarray:
+    """Sums and counts of the squared differences between neighbouring pixels (rows and
+    columns) across the boundaries of a `period`-pixel grid and inside its cells:
+    [seam sum, seam count, inside sum, inside count]."""
+    x = images.double()
+    seam, inside = [0.0, 0], [0.0, 0]
+    for d in (x.diff(dim=-1), x.diff(dim=-2).transpose(-1, -2)):  # columns j -> j + 1, then rows
+        sq = d.pow(2)
+        at = (torch.arange(1, sq.shape[-1] + 1) % period) == 0
+        for acc, cols in ((seam, sq[..., at]), (inside, sq[..., ~at])):
+            acc[0] += float(cols.sum())
+            acc[1] += cols.numel()
+    return np.array([*seam, *inside], dtype=np.float64)
+
+
+def seam_ratio(energies: np.ndarray) -> float:
+    """Mean squared neighbour difference across grid boundaries over that inside the cells: ~1
+    for natural images, large where a patch decoder leaves its grid visible."""
+    seam_sum, seam_n, inside_sum, inside_n = energies
+    if inside_sum == 0:  # flat cells: no texture to compare the seams with
+        return 1.0 if seam_sum == 0 else float("inf")
+    return float((seam_sum / seam_n) / (inside_sum / inside_n))
+
+
 def reconstruction_metrics(root: str | Path, resolution: int, extractor,
                            reconstruct: Callable[[torch.Tensor], torch.Tensor], clf,
-                           chunk: int = CHUNK) -> dict:
-    """rFID and mean per-image PSNR of the reconstructions of the validation split (and the
-    domain classifier's accuracy on it), streamed `chunk` images at a time."""
+                           chunk: int = CHUNK, seam_period: int = 8) -> dict:
+    """rFID, mean per-image PSNR and the seam ratio on the decoder's `seam_period`-pixel patch
+    grid of the reconstructions of the validation split (the real images' beside it, and the
+    domain classifier's accuracy on them), streamed `chunk` images at a time."""
     real, recon = StatsAccumulator(extractor.name), StatsAccumulator(extractor.name)
     psnr_sum, correct = 0.0, 0
+    real_seams, recon_seams = np.zeros(4), np.zeros(4)
     val = ImageFolderDataset(root, "val", resolution)
     bar = tqdm(total=len(val), desc="reconstructions", unit="img", disable=None, leave=False)
     for images, labels in val.chunks(chunk):
@@ -196,11 +222,14 @@ def reconstruction_metrics(root: str | Path, resolution: int, extractor,
         real.update(extractor(images))
         recon.update(extractor(recs))
         psnr_sum += psnr(recs, images) * len(images)
+        real_seams += seam_energies(images, seam_period)
+        recon_seams += seam_energies(recs, seam_period)
         if clf is not None:
             correct += int((predict(clf, images) == labels.numpy()).sum())
         bar.update(len(images))
     bar.close()
-    m = {"rfid": frechet_distance(real.stats(), recon.stats()), "recon_psnr": psnr_sum / real.n}
+    m = {"rfid": frechet_distance(real.stats(), recon.stats()), "recon_psnr": psnr_sum / real.n,
+         "recon_seam_ratio": seam_ratio(recon_seams), "real_seam_ratio": seam_ratio(real_seams)}
     if clf is not None:
         m["classifier_val_accuracy"] = correct / real.n
     return m
@@ -265,11 +294,13 @@ def run(cfg: Config, paths: Paths) -> dict:
                        logits=cfg.evaluate.extractor == "inception")
     del images  # 9.8 GB at ImageNet scale, not needed for the decoder's metrics
     m |= reconstruction_metrics(paths.dataset(cfg.data.root), cfg.data.resolution, extractor,
-                                reconstructor(cfg, paths, cfg.evaluate.batch_size), clf)
+                                reconstructor(cfg, paths, cfg.evaluate.batch_size), clf,
+                                seam_period=cfg.decoder.patch_size)
     if cfg.autoencoder.kind == "hybrid-vq":  # HART's tokenizer ablation: tokens alone
         tokens_only = reconstruction_metrics(
             paths.dataset(cfg.data.root), cfg.data.resolution, extractor,
-            reconstructor(cfg, paths, cfg.evaluate.batch_size, discrete=True), None)
+            reconstructor(cfg, paths, cfg.evaluate.batch_size, discrete=True), None,
+            seam_period=cfg.decoder.patch_size)
         m |= {f"{k}_discrete": v for k, v in tokens_only.items()}
     speed = paths.samples_dir / "throughput.json"
     if speed.exists():  # beside FID on the leaderboard: the sample stage's images/s

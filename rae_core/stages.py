@@ -22,22 +22,24 @@ log = logging.getLogger(__name__)
 
 
 def prepare(cfg: Config, paths: Paths) -> dict:
-    """Make data.root hold exactly the data the config names: the digits materialised there, or
-    a link to data.source, replacing what prepare put there before (never a folder of the
-    user's); then validate it (ImageNet layout). On a cluster, a worker node must see the same
-    folder."""
+    """Make data.root hold exactly the data the config names: the digits or photos materialised
+    there, or a link to data.source, replacing what prepare put there before (never a folder of
+    the user's); then validate it (ImageNet layout). On a cluster, a worker node must see the
+    same folder."""
     from rae_core.data.digits import materialise_digits
     from rae_core.data.folder import link_folder, validate_folder
+    from rae_core.data.photos import materialise_photos
 
     root = paths.dataset(cfg.data.root)
-    if cfg.data.dataset == "digits":
-        materialise_digits(root, cfg.data.val_fraction, cfg.seed)
+    embedded = {"digits": materialise_digits, "photos": materialise_photos}
+    if cfg.data.dataset in embedded:
+        embedded[cfg.data.dataset](root, cfg.data.val_fraction, cfg.seed)
     elif (src := paths.dataset(cfg.data.source)) != root:  # a source at data.root: used in place
         validate_folder(src, cfg.data.num_classes, check_files=False)  # layout; files below
         link_folder(src, root)
     summary = validate_folder(root, cfg.data.num_classes, resolution=cfg.data.resolution)
     # what data.root holds: tells apart datasets of the same layout
-    summary["source"] = cfg.data.source if cfg.data.dataset == "folder" else "digits"
+    summary["source"] = cfg.data.source if cfg.data.dataset == "folder" else cfg.data.dataset
     from rae_core.train.runner import check_dataset_on_workers
 
     setting = f"data.source={cfg.data.source}" if cfg.data.source else f"data.root={cfg.data.root}"

@@ -15,6 +15,8 @@ from rae_core.evaluation import (
     reference,
     reference_from_split,
     sample_metrics,
+    seam_energies,
+    seam_ratio,
 )
 from rae_core.metrics import (
     DomainClassifier,
@@ -148,11 +150,13 @@ def test_reconstruction_metrics_do_not_depend_on_the_chunk_size(folder):
 
     torch.manual_seed(0)
     clf = DomainClassifier(num_classes=3).eval()
-    runs = [reconstruction_metrics(folder, RES, FlatExtractor(), reconstruct, clf, chunk=c)
-            for c in (1, 5, 1000)]
+    runs = [reconstruction_metrics(folder, RES, FlatExtractor(), reconstruct, clf, chunk=c,
+                                   seam_period=2) for c in (1, 5, 1000)]
     expected = {"rfid": rfid(val, reconstruct(val), FlatExtractor()),
                 "recon_psnr": psnr(reconstruct(val), val),
-                "classifier_val_accuracy": class_accuracy(clf, val, labels)}
+                "classifier_val_accuracy": class_accuracy(clf, val, labels),
+                "recon_seam_ratio": seam_ratio(seam_energies(reconstruct(val), 2)),
+                "real_seam_ratio": seam_ratio(seam_energies(val, 2))}
     assert expected["rfid"] > 0.01
     for m in runs:
         assert m == pytest.approx(expected, rel=1e-9)
@@ -186,5 +190,9 @@ def test_run_matches_the_whole_split_computation(folder, tmp_path, monkeypatch):
         "num_samples": 30,
         "class_accuracy": class_accuracy(clf, fake, labels),
         "classifier_val_accuracy": class_accuracy(clf, val, val_labels),
-        "rfid": rfid(val, recs, ext), "recon_psnr": psnr(recs, val)}, rel=1e-9)
+        "rfid": rfid(val, recs, ext), "recon_psnr": psnr(recs, val),
+        "recon_seam_ratio": seam_ratio(seam_energies(recs, cfg.decoder.patch_size)),
+        # an 8 px image holds no boundary of the 8 px patch grid: both ratios are NaN
+        "real_seam_ratio": seam_ratio(seam_energies(val, cfg.decoder.patch_size))}, rel=1e-9,
+        nan_ok=True)
     assert (paths.evaluate_dir / "metrics.json").is_file()
