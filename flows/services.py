@@ -3,9 +3,10 @@
 `dvc repro` runs one `rae stage` process per stage; each would otherwise start its own temporary
 Prefect server (~8-13 s) and local Ray (~10 s). The first `rae run` or `rae stage` starts both as
 background processes, side by side and while it goes on importing and opening the tracking store,
-and records them in `$PREFECT_HOME/services.json`; later ones join them while they answer. A watchdog stops them once no `rae` process has used them for RAE_SERVICES_IDLE_S
-seconds (0: nothing shared, each process starts its own). PREFECT_API_URL or RAY_ADDRESS set by
-a deployment or a team wins: that service is then neither started nor joined here.
+and records them in `$PREFECT_HOME/services.json`; later ones join them while they answer. A
+watchdog stops them once no `rae` process has used them for RAE_SERVICES_IDLE_S seconds (0:
+nothing shared, each process starts its own). PREFECT_API_URL or RAY_ADDRESS set by a
+deployment or a team wins: that service is then neither started nor joined here.
 
     python -m flows.services watch HOME    the watchdog (started by `attach`)
 """

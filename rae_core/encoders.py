@@ -392,12 +392,10 @@ class LatentStats:
         return stats
 
     def save(self, path: str | Path, identity: dict[str, Any]) -> None:
-        """Write atomically: readers never see a half-written file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save({"identity": identity, "stats": self.state_dict()}, tmp)
-        os.replace(tmp, path)
+        """Write atomically, with the checksum `load` verifies."""
+        from rae_core.store import atomic_save
+
+        atomic_save({"identity": identity, "stats": self.state_dict()}, path, checksum=True)
 
     @classmethod
     def load(cls, path: str | Path, expected_identity: dict[str, Any]) -> LatentStats:

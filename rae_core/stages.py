@@ -111,7 +111,6 @@ def stats(cfg: Config, paths: Paths) -> dict:
     from rae_core.autoencoder import load_encoder, residual_scale, stats_identity
     from rae_core.data.folder import scan_split
     from rae_core.encoders import LatentStats
-    from rae_core.store import checksum_path, write_checksum
     from rae_core.train.runner import map_shards
 
     n = len(scan_split(paths.dataset(cfg.data.root), "train"))
@@ -121,9 +120,7 @@ def stats(cfg: Config, paths: Paths) -> dict:
     for p in parts[1:]:
         total.merge(LatentStats.from_state_dict(p))
     encoder = load_encoder(cfg, paths)
-    checksum_path(paths.stats_file).unlink(missing_ok=True)  # not a stale one beside new stats
     total.save(paths.stats_file, stats_identity(cfg, encoder))
-    write_checksum(paths.stats_file)  # checked where train-generator loads them
     var = total.var
     out = {"count": int(total.count), "mean_abs_mean": float(total.mean.abs().mean()),
            "mean_var": float(var.mean()), "min_var": float(var.min())}

@@ -46,11 +46,6 @@ def _write_checksum(path: Path, digest: str) -> None:
     os.replace(tmp, sidecar)
 
 
-def write_checksum(path: str | Path) -> None:
-    """The `<file>.sha256` of a file written elsewhere."""
-    _write_checksum(Path(path), file_sha256(path))
-
-
 def atomic_save(obj: Any, path: str | Path, checksum: bool = False) -> None:
     """torch.save to a temporary file, then rename: an interrupted write keeps the old file.
     With `checksum`, the file's `<file>.sha256` follows it."""

@@ -132,8 +132,9 @@ def preflight(cfg: Config, root, stages: list[str]) -> None:
                "decoder.gan.disc_weights": ["train-decoder"],
                "decoder.lpips_weights": ["train-decoder"],
                "evaluate.inception_weights": ["evaluate"]}
+    flat = cfg.flat()
     for key, users in readers.items():
-        value = cfg.flat().get(key)
+        value = flat.get(key)
         if value and set(users) & set(stages) and not Path(value).expanduser().exists():
             raise WeightsMissingError(f"{key}: {value} not found; set it to an existing local "
                                       "file")

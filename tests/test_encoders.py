@@ -201,7 +201,9 @@ def test_latent_stats_save_load_and_refuse_mismatch(tmp_path):
     ident = build_encoder("pixels", 32).identity()
     path = tmp_path / "stats" / "latent_stats.pt"
     st.save(path, ident)
-    assert [p.name for p in path.parent.iterdir()] == ["latent_stats.pt"]  # no temp file left
+    # no temp file left; the checksum `load` verifies beside it
+    assert sorted(p.name for p in path.parent.iterdir()) == ["latent_stats.pt",
+                                                              "latent_stats.pt.sha256"]
     loaded = LatentStats.load(path, expected_identity=dict(ident))
     assert torch.equal(loaded.mean, st.mean) and torch.equal(loaded.var, st.var)
     other = build_encoder("pixels", 64).identity()

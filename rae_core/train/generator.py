@@ -34,8 +34,6 @@ from rae_core.train.sampler import batch_indices, rank_slice, step_seed
 log = logging.getLogger(__name__)
 
 
-
-
 def make_source(cfg: Config, paths: Paths, encoder, stats, device):
     if cfg.generator.latents == "shards":
         return ShardSource(paths.latents_dir, stats, stats_identity(cfg, encoder),
