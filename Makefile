@@ -13,7 +13,8 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --no-cache-dir -c constraints.txt -e '.[dev]'
+	$(PY) -m flows.stores
 	touch $(STAMP)
 
 install: $(STAMP)

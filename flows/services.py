@@ -30,6 +30,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from flows import stores
 from flows.env import project_home
 from rae_core.errors import RaeError
 
@@ -49,6 +50,9 @@ def attach(command: str, root: Path, cfg, wait: bool = True) -> Callable[[], Non
     if command not in ("run", "stage"):
         return _nothing
     share_checkpoints(root)
+    if not (os.environ.get("PREFECT_API_URL") or
+            os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")):
+        stores.seed("prefect", Path(os.environ["PREFECT_HOME"]) / "prefect.db")
     if idle_timeout() <= 0:
         return _nothing
     wanted = [name for name, var in (("prefect", "PREFECT_API_URL"), ("ray", "RAY_ADDRESS"))

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from flows import stores
 from flows.source import source_tags
 from rae_core.config import Config
 
@@ -35,6 +36,9 @@ def client():
 
 
 def experiment_id(cfg: Config, root: Path) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith("sqlite:///"):
+        stores.seed("mlflow", Path(uri.removeprefix("sqlite:///")))
     import mlflow
 
     name = cfg.tracking.experiment
@@ -43,7 +47,6 @@ def experiment_id(cfg: Config, root: Path) -> str:
         if exp.tags.get(EXPERIMENT_KIND) is None:  # made before the tag, or by someone else
             client().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         return exp.experiment_id
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     # artifacts beside the SQLite store they belong to (a run's own folder may be temporary)
     store = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else root
     location = (store / "mlartifacts" / name).as_uri() if uri.startswith("sqlite") else None
