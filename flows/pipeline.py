@@ -263,9 +263,10 @@ def _pipeline(cfg: Config, paths: Paths, cfg_dict: dict, root: str, until: str |
     try:
         names = ORDER[: last + 1]
         if any(provenance.decide(n, cfg, paths, n in force).run for n in names):
-            from rae_core.train.runner import ensure_ray
+            from rae_core.train.runner import ensure_ray, warm_workers
 
             ensure_ray(cfg)  # once, before stages start side by side
+            warm_workers(cfg)
         # Each stage starts when the stages it reads from are done, so independent ones
         # (train-decoder beside stats, extract and train-generator) share the workers.
         for name in names:

@@ -266,13 +266,19 @@ def register(run_id: str, model, name: str, tags: dict[str, str]) -> str:
     """Log a model to the run and register it; returns the new version. `model` is a torch
     module (logged by mlflow.pytorch) or a function that logs one to the active run and
     registers it under the name it is given, returning MLflow's ModelInfo."""
+    from importlib.metadata import version as installed
+
     import mlflow
     import mlflow.pytorch
     from torch import nn
 
+    # given, not inferred: inference imports the model in a subprocess (~4 s per registration)
+    requirements = [f"{p}=={installed(p).split('+')[0]}"
+                    for p in ("torch", "cloudpickle", "rae-platform")]
     with mlflow.start_run(run_id=run_id):  # the logged model is the run's output
         info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                        registered_model_name=name) \
+                                        registered_model_name=name,
+                                        pip_requirements=requirements) \
             if isinstance(model, nn.Module) else model(name)
     version = str(info.registered_model_version)
     c = client()

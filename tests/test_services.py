@@ -97,6 +97,21 @@ def test_a_record_of_killed_services_is_replaced(project):
         {"prefect": new["prefect"]["url"], "ray_port": _port(new)}
 
 
+WARM = ATTACH.split("print(")[0] + (
+    "import sys; from rae_core.train.runner import STAGE_MODULES, warm_workers; "
+    "warm = ray.get(warm_workers(cfg)); "
+    "probe = ray.remote(num_cpus=1)(lambda: (os.getpid(), set(STAGE_MODULES) <= sys.modules.keys())); "
+    "print(json.dumps({'warm': warm, 'probes': ray.get([probe.remote() for _ in range(4)])}))")
+
+
+def test_warmed_workers_serve_the_stages_tasks_with_their_code_imported(project):
+    root, env = project
+    out = json.loads(_run([sys.executable, "-c", WARM], root, env)[1].splitlines()[-1])
+    assert len(set(out["warm"])) == 2  # two workers: train-decoder runs beside the others
+    for pid, imported in out["probes"]:
+        assert pid in out["warm"] and imported
+
+
 def test_the_services_stop_after_the_idle_timeout(project):
     root, env = project
     short = {**env, "RAE_SERVICES_IDLE_S": "3"}  # the latest user's timeout applies
