@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from rae_core.config import Config
 from rae_core.data.folder import ImageFolderDataset, load_split
+from rae_core.generate import load_samples
 from rae_core.metrics import (
     DomainExtractor,
     FeatureStats,
@@ -288,8 +289,7 @@ def run(cfg: Config, paths: Paths) -> dict:
     extractor, clf = build_extractor(cfg, paths)
     ref = reference(cfg, paths, extractor)
     # The samples stay one uint8 array (50k at 256 px: 9.8 GB); only chunks become float.
-    with np.load(paths.samples_dir / "samples.npz") as data:
-        images, labels = data["images"], data["labels"]
+    images, labels = load_samples(paths.samples_dir / "samples.npz")
     m = sample_metrics(images, labels, extractor, ref, clf, cfg.evaluate.pr_k,
                        logits=cfg.evaluate.extractor == "inception")
     del images  # 9.8 GB at ImageNet scale, not needed for the decoder's metrics

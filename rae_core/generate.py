@@ -68,6 +68,19 @@ def _shard(cfg_dict: dict, root: str, index: int, labels: list[int], path: str) 
     return path
 
 
+def save_samples(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """The layout of ADM's evaluator and its labelled reference batches: `arr_0` the uint8
+    (N, H, W, 3) images, `arr_1` their class labels."""
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, arr_0=images, arr_1=labels)
+    tmp.replace(path)
+
+
+def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as data:
+        return data["arr_0"], data["arr_1"]
+
+
 def run(cfg: Config, paths: Paths) -> dict:
     from rae_core.generator import SECTIONS
     from rae_core.images import grid, save_png
@@ -93,9 +106,7 @@ def run(cfg: Config, paths: Paths) -> dict:
     parts = [np.load(p) for p in names]
     images = np.concatenate([p["images"] for p in parts])
     ys = np.concatenate([p["labels"] for p in parts])
-    tmp = out / ".samples.tmp.npz"
-    np.savez(tmp, images=images, labels=ys)
-    tmp.replace(out / "samples.npz")
+    save_samples(out / "samples.npz", images, ys)
     _write_pngs(images, ys, out / "png")
     per_class = min(s.num_per_class, 10)
     pick = np.concatenate([np.flatnonzero(ys == c)[:per_class]

@@ -18,6 +18,7 @@ from rae_core.evaluation import (
     seam_energies,
     seam_ratio,
 )
+from rae_core.generate import load_samples, save_samples
 from rae_core.metrics import (
     DomainClassifier,
     FeatureStats,
@@ -176,7 +177,7 @@ def test_run_matches_the_whole_split_computation(folder, tmp_path, monkeypatch):
     samples = np.random.default_rng(2).integers(0, 256, (30, RES, RES, 3), dtype=np.uint8)
     labels = np.arange(30) % 3
     paths.samples_dir.mkdir(parents=True)
-    np.savez(paths.samples_dir / "samples.npz", images=samples, labels=labels)
+    save_samples(paths.samples_dir / "samples.npz", samples, labels)
     m = evaluation.run(cfg, paths)
 
     train, _ = load_split(folder, "train", RES)
@@ -196,3 +197,16 @@ def test_run_matches_the_whole_split_computation(folder, tmp_path, monkeypatch):
         "real_seam_ratio": seam_ratio(seam_energies(val, cfg.decoder.patch_size))}, rel=1e-9,
         nan_ok=True)
     assert (paths.evaluate_dir / "metrics.json").is_file()
+
+
+def test_samples_npz_has_the_layout_adms_evaluator_reads(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    save_samples(tmp_path / "samples.npz", images, labels)
+    with np.load(tmp_path / "samples.npz") as data:  # as evaluator.py opens a sample batch
+        assert sorted(data.files) == ["arr_0", "arr_1"]
+        assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (6, 8, 8, 3)
+        np.testing.assert_array_equal(data["arr_0"], images)
+    back, back_labels = load_samples(tmp_path / "samples.npz")
+    np.testing.assert_array_equal(back_labels, labels)
+    assert list(tmp_path.iterdir()) == [tmp_path / "samples.npz"]

