@@ -154,8 +154,8 @@ def arm_task(plan: Plan, arm: Arm, seed: int, project: str, parent: str) -> dict
                     tracking.log_numbers(run_id, {"extractor": out["extractor"]})
             found = _evaluation_numbers(run_id)
             curve = paths.evaluate_dir / "fid_curve.json"
-            if curve.exists():
-                found["curve"] = _log_curve(run_id, arm, json.loads(curve.read_text()))
+            if curve.exists() and (points := json.loads(curve.read_text())):  # [] when off
+                found["curve"] = _log_curve(run_id, arm, points)
         tracking.log_numbers(run_id, numbers)
     except BaseException as e:
         tracking.end_run(run_id, "FAILED", one_line(e))

@@ -306,9 +306,13 @@ def run(cfg: Config, paths: Paths) -> dict:
     if speed.exists():  # beside FID on the leaderboard: the sample stage's images/s
         m["images_per_s"] = json.loads(speed.read_text())["images_per_s"]
     curve = fid_curve(cfg, paths, extractor, ref.stats)
+    # written even when the curve is off ([]): dvc.yaml declares it, and `dvc repro` fails on
+    # a declared output that is missing; a plot of an earlier run's curve does not stay
+    write_json(paths.evaluate_dir / "fid_curve.json", curve)
     if curve:
-        write_json(paths.evaluate_dir / "fid_curve.json", curve)
         plot_curve(curve, extractor.name, paths.evaluate_dir / "fid_vs_step.png")
+    else:
+        (paths.evaluate_dir / "fid_vs_step.png").unlink(missing_ok=True)
     write_json(paths.evaluate_dir / "metrics.json", m)
     log.info("evaluate: %s", m)
     return m

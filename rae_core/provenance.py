@@ -34,11 +34,12 @@ log = logging.getLogger(__name__)
 class StageSpec:
     params: tuple[str, ...]  # dotted sections or keys of params.yaml
     upstream: tuple[str, ...]  # stages whose outputs it reads
-    outputs: tuple[str, ...]  # paths relative to the project, as in dvc.yaml's outs
+    # paths relative to the project, as in dvc.yaml's outs; ${data.root} is the configured one
+    outputs: tuple[str, ...]
 
 
 SPECS: dict[str, StageSpec] = {
-    "prepare": StageSpec(("seed", "data"), (), ("data/dataset.json",)),
+    "prepare": StageSpec(("seed", "data"), (), ("${data.root}.json",)),
     "pretrain-encoder": StageSpec(
         ("seed", "data", "autoencoder", "encoder", "decoder.lpips_weight",
          "decoder.lpips_weights", "decoder.gan"), ("prepare",), ("models/encoder",)),
@@ -92,8 +93,13 @@ def record_path(paths: Paths, name: str) -> Path:
     return paths.root / "runs" / "records" / f"{name}.json"
 
 
-def _signature(name: str, paths: Paths) -> str:
-    return signature([paths.root / p for p in SPECS[name].outputs], paths.root)
+def outputs(name: str, cfg: Config) -> list[str]:
+    """The stage's output paths under `cfg`, as dvc.yaml resolves them from params.yaml."""
+    return [p.replace("${data.root}", cfg.data.root) for p in SPECS[name].outputs]
+
+
+def _signature(name: str, cfg: Config, paths: Paths) -> str:
+    return signature([paths.root / p for p in outputs(name, cfg)], paths.root)
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,7 @@ def decide(name: str, cfg: Config, paths: Paths, force: bool = False) -> Decisio
         return Decision(name, True, "no record of a finished run", {})
     if rec["key"] != identity(name, cfg):
         return Decision(name, True, _changed(name, cfg, rec), {})
-    if rec.get("signature") != _signature(name, paths):
+    if rec.get("signature") != _signature(name, cfg, paths):
         return Decision(name, True, "its outputs changed or are missing since it finished", {})
     for up in SPECS[name].upstream:
         up_rec = read_record(record_path(paths, up))
@@ -174,7 +180,7 @@ def check_inputs(name: str, cfg: Config, paths: Paths, given: list[str] | None =
     stale = []
     for up in SPECS[name].upstream:
         rec = read_record(record_path(paths, up))
-        if rec is not None and rec.get("signature") == _signature(up, paths):
+        if rec is not None and rec.get("signature") == _signature(up, cfg, paths):
             if found := _foreign(up, cfg, paths, rec):
                 stale.append((list(SPECS).index(up), up, *found))
     if not stale:
@@ -182,7 +188,7 @@ def check_inputs(name: str, cfg: Config, paths: Paths, given: list[str] | None =
     stale.sort()
     _, up, stage, rec = stale[0]
     before, now = rec.get("params", {}), stage_params(stage, cfg)
-    made = ", ".join(SPECS[up].outputs) + ("" if stage == up else f" (from {stage}'s outputs)")
+    made = ", ".join(outputs(up, cfg)) + ("" if stage == up else f" (from {stage}'s outputs)")
     options = ["--preset", cfg.preset] if given is None else given
     command = " ".join(["rae", "run", *options, "--until", stale[-1][1]])
     raise DataError(f"{made}: made under preset {rec.get('preset')} (config {_config_id(before)}"
@@ -201,7 +207,7 @@ def record(name: str, cfg: Config, paths: Paths, outputs: dict) -> None:
     write_json(record_path(paths, name), {
         "stage": name, "key": identity(name, cfg), "code": code_identity(),
         "params": stage_params(name, cfg), "preset": cfg.preset,
-        "signature": _signature(name, paths), "finished": time.time(),
+        "signature": _signature(name, cfg, paths), "finished": time.time(),
         "upstream": {up: (read_record(record_path(paths, up)) or {}).get("signature")
                      for up in SPECS[name].upstream},
         "outputs": {k: v for k, v in flatten(outputs).items()

@@ -12,7 +12,7 @@ from conftest import GIT_IDENTITY
 
 from rae_core.paths import Paths
 from rae_core.plots import plot_file
-from rae_core.presets import load_config
+from rae_core.presets import load_config, preset_yaml
 from rae_core.train import pretrain_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +50,7 @@ def test_dvc_plots_show_the_whole_loss_curve_of_a_resumed_loop(tmp_path, digits_
     assert [r["step"] for r in rows] == [10, 20, 30]
 
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(preset_yaml("smoke"))  # dvc.yaml's paths come from it
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     _dvc(root, "init", "-q")
     shown = json.loads(_dvc(root, "plots", "show", "--json"))

@@ -1,6 +1,8 @@
 """The evaluate stage streams splits in chunks: its numbers must not depend on the chunk size and
 must equal those computed from whole splits in memory."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -197,6 +199,9 @@ def test_run_matches_the_whole_split_computation(folder, tmp_path, monkeypatch):
         "real_seam_ratio": seam_ratio(seam_energies(val, cfg.decoder.patch_size))}, rel=1e-9,
         nan_ok=True)
     assert (paths.evaluate_dir / "metrics.json").is_file()
+    # the curve is off, yet its file is there for dvc.yaml, and no plot of an earlier curve
+    assert json.loads((paths.evaluate_dir / "fid_curve.json").read_text()) == []
+    assert not (paths.evaluate_dir / "fid_vs_step.png").exists()
 
 
 def test_samples_npz_has_the_layout_adms_evaluator_reads(tmp_path):

@@ -12,8 +12,8 @@ from rae_core.paths import Paths
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _outputs(paths: Paths, name: str, size: int = 4) -> None:
-    for rel in provenance.SPECS[name].outputs:
+def _outputs(paths: Paths, cfg, name: str, size: int = 4) -> None:
+    for rel in provenance.outputs(name, cfg):
         p = paths.root / rel
         target = p / "part.bin" if not p.suffix else p
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -21,7 +21,7 @@ def _outputs(paths: Paths, name: str, size: int = 4) -> None:
 
 
 def _finish(paths: Paths, cfg, name: str) -> None:
-    _outputs(paths, name)
+    _outputs(paths, cfg, name)
     provenance.record(name, cfg, paths, {"loss": 0.5, "nested": {"psnr": 25.0}})
 
 
@@ -84,7 +84,7 @@ def test_missing_or_altered_outputs_run_the_stage_again(project):
 
 def test_upstream_outputs_that_differ_from_those_read_run_the_stage(project):
     paths, cfg = project
-    _outputs(paths, "pretrain-encoder", size=8)  # a different encoder than stats read
+    _outputs(paths, cfg, "pretrain-encoder", size=8)  # a different encoder than stats read
     provenance.record("pretrain-encoder", cfg, paths, {})
     d = provenance.decide("stats", cfg, paths)
     assert d.run and d.reason == "pretrain-encoder's outputs changed since"
