@@ -140,6 +140,10 @@ class DecoderConfig(_Schema):
     nonfinite_patience: int = Field(10, ge=1)  # as encoder.pretrain.nonfinite_patience
 
 
+# (section, key) of settings that only say which files are kept
+RETENTION_KEYS = (("generator", "keep_snapshots"),)
+
+
 class GeneratorConfig(_Schema):
     """The generator and its objective: `flow` (flow matching, RAE's DiT / DiT-DH), `ddpm`
     (IDDPM Gaussian diffusion with learned variance, DiT's recipe) or `hart` (a scale-wise
@@ -178,7 +182,8 @@ class GeneratorConfig(_Schema):
     residual_scale: Float | None = Field(None, gt=0.0)
     mask_ratio: ListOf[Float] = Field(default_factory=lambda: [0.5, 1.0])
     sample_every: int = Field(350, ge=1)
-    ckpt_every: int = Field(200, ge=1)
+    ckpt_every: int = Field(200, ge=1)  # also an EMA snapshot (runs/checkpoints/.../ema-step*.pt)
+    keep_snapshots: int = Field(0, ge=0)  # EMA snapshots kept, spread over the steps; 0 = all
     nonfinite_patience: int = Field(10, ge=1)  # as encoder.pretrain.nonfinite_patience
 
     def overrides(self) -> dict[str, int]:
@@ -275,8 +280,11 @@ class Config(_Schema):
         return flatten(self.to_dict())
 
     def fingerprint(self, *sections: str) -> str:
-        """A short hash of the named sections (all when none): keys checkpoints and outputs."""
+        """A short hash of the named sections (all when none): keys checkpoints and outputs.
+        Settings of what is kept, not of what is computed, are left out: changing one resumes."""
         d = self.to_dict()
+        for section, key in RETENTION_KEYS:
+            d[section].pop(key)
         picked = {s: d[s] for s in sections} if sections else d
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
 

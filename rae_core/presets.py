@@ -72,7 +72,8 @@ def _imagenet(resolution: int, dit_epochs: int, ag_scale: float, ag_epochs: int)
                 "decay_start_step": _epochs(40, dit_batch), "ema": 0.9995, "grad_clip": 1.0,
                 "time_dist": "logit_normal", "shift_base": 4096.0, "precision": "bf16",
                 "compile": True, "latents": "online", "sample_every": 25000,
-                "ckpt_every": 5000},
+                # 20 of the ~200 EMA snapshots (3.4 GB each), spread over the run
+                "ckpt_every": 5000, "keep_snapshots": 20},
         "sample": {"num_per_class": 50, "sampler": "euler", "steps": 50,
                    "guidance": "autoguidance", "scale": ag_scale,
                    "weak_model": f"models/autoguidance/DiTDH-S-{resolution}px-ep{ag_epochs}.pt",

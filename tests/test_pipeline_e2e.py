@@ -41,7 +41,8 @@ def project(tmp_path_factory, servers):
         env.setdefault(k, v)
     _run(["git", "init", "-q"], proj, env)
     _run(["dvc", "init", "-q"], proj, env)
-    _run([sys.executable, "-m", "flows.cli", "params", "--preset", "smoke"], proj, env)
+    _run([sys.executable, "-m", "flows.cli", "params", "--preset", "smoke",
+          "--set", "generator.keep_snapshots=2"], proj, env)
     _run(["git", "add", "-A"], proj, env)
     _run(["git", "commit", "-qm", "smoke project"], proj, env)
     repro = _run(["dvc", "repro"], proj, env)
@@ -66,6 +67,13 @@ def test_every_stage_ran_and_wrote_its_outputs(project):
     assert len(manifest["shards"]) >= 2
     assert (proj / "models" / "decoder" / "decoder.pt").exists()
     assert (proj / "models" / "generator" / "ema.pt").exists()
+    # generator.keep_snapshots=2 of the snapshots at steps 20, 40, 60: the first and the last,
+    # and the FID curve over those
+    snaps = sorted(p.name for p in (proj / "runs" / "checkpoints").glob(
+        "train-generator-*/ema-step*.pt"))
+    assert snaps == ["ema-step0000020.pt", "ema-step0000060.pt"]
+    curve = json.loads((proj / "runs" / "evaluate" / "fid_curve.json").read_text())
+    assert [c["step"] for c in curve] == [20, 60]
     assert (proj / "runs" / "samples" / "grid.png").exists()
     samples = __import__("numpy").load(proj / "runs" / "samples" / "samples.npz")
     assert samples["arr_0"].shape == (80, 32, 32, 3)

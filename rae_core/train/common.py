@@ -95,6 +95,25 @@ class Checkpointer:
         kill_drill(self.stage, step, self.path.parent)
 
 
+def prune_snapshots(run_dir: Path, keep: int) -> list[Path]:
+    """Keep `keep` EMA snapshots (ema-step*.pt) of a run, 0 = all: the first and the newest,
+    and between them those that leave the steps most evenly spread, so that an FID curve over
+    them keeps its shape. Each removal takes the inner snapshot whose neighbours are closest
+    together. Returns the removed files."""
+    snaps = sorted(run_dir.glob("ema-step*.pt"))
+    removed = []
+    while keep and len(snaps) > keep:
+        if keep == 1:
+            i = 0  # the oldest goes until only the newest is left
+        else:
+            steps = [int(p.stem.removeprefix("ema-step")) for p in snaps]
+            i = min(range(1, len(snaps) - 1),
+                    key=lambda j: (steps[j + 1] - steps[j - 1], steps[j]))
+        removed.append(snaps.pop(i))
+        removed[-1].unlink()
+    return removed
+
+
 def kill_drill(stage: str, step: int, run_dir: Path) -> None:
     """Reliability drill: RAE_KILL_AT=<stage>:<step> SIGKILLs this process once, right after
     that step's checkpoint, to rehearse a crash (a marker file keeps the resumed run alive)."""

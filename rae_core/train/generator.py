@@ -26,6 +26,7 @@ from rae_core.train.common import (
     Checkpointer,
     MetricsLog,
     NonFiniteGuard,
+    prune_snapshots,
     set_lr,
     warmup_constant_linear,
 )
@@ -143,6 +144,7 @@ def train_loop(config: dict) -> dict:
             atomic_save({"model": ema.model.state_dict(), "step": done, "name": d.model,
                          "overrides": cfg.generator.overrides(), "latent_shape": list(latent_shape),
                          **meta}, run_dir / f"ema-step{done:07d}.pt")
+            prune_snapshots(run_dir, d.keep_snapshots)
             ckpt.save(done, **states)
             curve.write()
         if rank == 0 and (done % d.sample_every == 0 or done == d.steps):
