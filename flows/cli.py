@@ -48,6 +48,7 @@ EXAMPLES = {
     "reproduce": "rae reproduce --preset smoke",
     "serve": "rae serve --preset tiny",
     "ui": "rae ui --port 5001",
+    "sync": "rae sync    (after a run said what its tracking server did not get)",
 }
 
 
@@ -106,6 +107,8 @@ def parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="MLflow UI on 127.0.0.1")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    sub.add_parser("sync", help="log what runs could not log while their tracking server was "
+                   "down (runs/tracking/), into the same runs")
     for name, command in sub.choices.items():
         if name in EXAMPLES:
             command.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -164,6 +167,11 @@ def _dispatch(args, root: Path) -> int:
 
         print(render_comparison(compare_runs(args.run_a, args.run_b), args.run_a, args.run_b,
                                 args.format))
+        return 0
+    if args.command == "sync":
+        from flows.tracking import sync
+
+        print("\n".join(sync(root)))
         return 0
     if args.command == "models":
         from rae_core.validate import model_table

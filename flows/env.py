@@ -34,6 +34,9 @@ def configure(root: Path) -> None:
         # MLflow's INFO chatter and its bars for the artifacts it reads back as it logs a model
         "MLFLOW_LOGGING_LEVEL": "WARNING",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        # flows/tracking.retrying retries within RAE_TRACKING_RETRY_S; MLflow's own 7 retries
+        # would hold every call to a dead server for minutes
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "DO_NOT_TRACK": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",

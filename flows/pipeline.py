@@ -70,19 +70,9 @@ def registered_name(cfg: Config, kind: str) -> str:
 
 def _register_model(name: str, cfg: Config, paths: Paths, run_id: str) -> None:
     """Register the model a training stage produced (other stages produce none)."""
-    if name == "train-decoder":
-        from rae_core.autoencoder import load_decoder, load_encoder
-
-        enc = load_encoder(cfg, paths)
-        version = tracking.register(run_id, load_decoder(cfg, paths, enc),
-                                    registered_name(cfg, "decoder"),
-                                    {"preset": cfg.preset, "encoder": cfg.encoder.name})
-        tracking.client().set_tag(run_id, "rae.registered_version", version)
-    elif name == "train-generator":
-        from functools import partial
-
-        from flows.pyfunc_model import log_generator
-
+    if name not in ("train-decoder", "train-generator"):
+        return
+    if name == "train-generator":
         # the model carries the decoder, which train-decoder may still be training beside it
         if (decoder_done := IN_FLIGHT.get((str(paths.root), "train-decoder"))) is not None:
             decoder_done.wait()
@@ -91,47 +81,77 @@ def _register_model(name: str, cfg: Config, paths: Paths, run_id: str) -> None:
                         "train-generator --force` after train-decoder registers it",
                         paths.decoder_dir)
             return
+    tracking.call(run_id, "register", stage=name, cfg=cfg.to_dict(), root=str(paths.root))
+
+
+@tracking.op("register")
+def _register(run_id: str, stage: str, cfg: dict, root: str) -> None:
+    """The tracking operation that registers a training stage's model (`rae sync` replays it)."""
+    cfg_, paths = from_dict(cfg), Paths.at(root)
+    if stage == "train-decoder":
+        from rae_core.autoencoder import load_decoder, load_encoder
+
+        enc = load_encoder(cfg_, paths)
+        version = tracking.register(run_id, load_decoder(cfg_, paths, enc),
+                                    registered_name(cfg_, "decoder"),
+                                    {"preset": cfg_.preset, "encoder": cfg_.encoder.name})
+    else:
+        from functools import partial
+
+        from flows.pyfunc_model import log_generator
 
         # a pyfunc model that makes images: the generator with its decoder and statistics
-        version = tracking.register(run_id, partial(log_generator, cfg, paths),
-                                    registered_name(cfg, "generator"),
-                                    {"preset": cfg.preset, "model": cfg.generator.model})
+        version = tracking.register(run_id, partial(log_generator, cfg_, paths),
+                                    registered_name(cfg_, "generator"),
+                                    {"preset": cfg_.preset, "model": cfg_.generator.model})
         (paths.generator_dir / "registered.json").write_text(json.dumps(
-            {"name": registered_name(cfg, "generator"), "version": version}))
-        tracking.client().set_tag(run_id, "rae.registered_version", version)
+            {"name": registered_name(cfg_, "generator"), "version": version}))
+    tracking.client().set_tag(run_id, "rae.registered_version", version)
 
 
 def _after_stage(name: str, cfg: Config, paths: Paths, run_id: str, out: dict) -> None:
     """Artifacts of a finished stage, and the leaderboard's champion after an evaluation."""
-    c = tracking.client()
     if name == "sample":
-        c.log_artifact(run_id, str(paths.samples_dir / "grid.png"), artifact_path="images")
+        tracking.log_artifact(run_id, paths.samples_dir / "grid.png", "images")
     elif name == "evaluate":
-        from flows.leaderboard import crown_champion
-
         tags = _group_tags(cfg)
         tags["rae.extractor"] = str(out.get("extractor", ""))
         tags["rae.kind"] = tracking.EVAL_KIND
         reg = paths.generator_dir / "registered.json"
         if reg.exists():
             tags["rae.generator_version"] = json.loads(reg.read_text())["version"]
-        for k, v in tags.items():
-            c.set_tag(run_id, k, v)
-        c.log_artifact(run_id, str(paths.evaluate_dir / "metrics.json"))
+        tracking.set_tags(run_id, tags)
+        tracking.log_artifact(run_id, paths.evaluate_dir / "metrics.json")
         for extra in ("fid_vs_step.png", "fid_curve.json"):
             if (paths.evaluate_dir / extra).exists():
-                c.log_artifact(run_id, str(paths.evaluate_dir / extra), artifact_path="images")
+                tracking.log_artifact(run_id, paths.evaluate_dir / extra, "images")
         grid = paths.samples_dir / "grid.png"
         if grid.exists():
-            c.log_artifact(run_id, str(grid), artifact_path="images")
+            tracking.log_artifact(run_id, grid, "images")
+        if tracking.offline(run_id):
+            log.warning("evaluate: the champion alias and the leaderboard table wait for the "
+                        "tracking server; `rae sync`, then `rae stage evaluate --force`")
+            return
         if reg.exists():
-            tracking.end_run(run_id)
-            crown_champion(cfg.tracking.experiment, registered_name(cfg, "generator"),
-                           tags["rae.dataset"], tags["rae.resolution"], family(cfg))
-        from flows.artifacts import leaderboard_table
-        from flows.leaderboard import rows
+            from flows.leaderboard import crown_champion
 
-        leaderboard_table(rows(cfg.tracking.experiment), cfg.tracking.experiment)
+            tracking.end_run(run_id)
+            tracking.retrying(crown_champion, cfg.tracking.experiment,
+                              registered_name(cfg, "generator"), tags["rae.dataset"],
+                              tags["rae.resolution"], family(cfg))
+        _leaderboard_table(cfg.tracking.experiment)
+
+
+def _leaderboard_table(experiment: str) -> None:
+    """The leaderboard as a Prefect artifact: a report, which a Prefect server that stopped
+    answering must not turn into a failed evaluation."""
+    from flows.artifacts import leaderboard_table
+    from flows.leaderboard import rows
+
+    try:
+        leaderboard_table(rows(experiment), experiment)
+    except Exception as e:  # noqa: BLE001 - the stage's outputs are made and logged already
+        log.warning("evaluate: no leaderboard table in the Prefect run (%s)", one_line(e))
 
 
 def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
@@ -146,8 +166,8 @@ def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
                                 resuming=resuming)
     t0 = time.time()
     try:
-        system = tracking.system_metrics(run_id) if name in TRAINING_STAGES else \
-            contextlib.nullcontext()
+        system = tracking.system_metrics(run_id) if name in TRAINING_STAGES and \
+            not tracking.offline(run_id) else contextlib.nullcontext()
         with tracking.MetricsForwarder(run_id, paths.metrics_log(name),
                                        steps=console.training_steps(name, cfg)) as fwd, system:
             out = STAGES[name](cfg, paths)
@@ -201,6 +221,11 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def one_line(e: BaseException) -> str:
     """The user-facing line of an error, unwrapping Ray's wrappers to the original cause."""
     seen = root_cause(e)
+    if type(seen).__module__.startswith("httpx") and os.environ.get("PREFECT_API_URL"):
+        # only Prefect's client speaks httpx here; the stages' work is recorded as they end
+        return (f"PREFECT_API_URL={os.environ['PREFECT_API_URL']}: the Prefect server stopped "
+                f"answering during the run ({type(seen).__name__}); finished stages are kept, "
+                "`rae run` again resumes from them")
     msg = [ln for ln in ANSI.sub("", str(seen)).strip().splitlines() if ln.strip()]
     return f"{type(seen).__name__}: {msg[-1] if msg else ''}" if not isinstance(
         seen, RaeError) else (msg[0] if msg else type(seen).__name__)
@@ -250,8 +275,19 @@ def pipeline_flow(cfg: Config, root: str, until: str | None = None,
     """prepare -> pretrain-encoder -> stats -> extract -> train-decoder -> train-generator -> sample
     -> evaluate, one task each, under one parent MLflow run; finished stages are skipped, those
     in `force` run again. The typed `cfg` gives a deployment run its form in the Prefect UI."""
-    with project_lock(root, "rae run"):
+    with project_lock(root, "rae run"), _unlogged_said():
         return _pipeline(cfg, Paths.at(root), cfg.to_dict(), root, until, set(force or ()))
+
+
+@contextlib.contextmanager
+def _unlogged_said():
+    """At the end of a run, one line on what its tracking server did not get, if anything."""
+    try:
+        yield
+    finally:
+        if line := tracking.unlogged_line():
+            log.info("%s", line)
+            console.say(line)
 
 
 def _pipeline(cfg: Config, paths: Paths, cfg_dict: dict, root: str, until: str | None,
@@ -335,5 +371,5 @@ def run_flow(preset: str | None = None, overrides: list[str] | None = None,
 
 @flow(name="rae-stage", flow_run_name=flow_run_name)
 def stage_flow(name: str, cfg: Config, root: str, force: bool = False) -> dict:
-    with project_lock(root, f"rae stage {name}"):
+    with project_lock(root, f"rae stage {name}"), _unlogged_said():
         return stage_task.with_options(name=name)(name, cfg.to_dict(), root, None, force)
