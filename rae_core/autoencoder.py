@@ -152,7 +152,9 @@ def build_decoder_for(cfg: Config, paths: Paths, encoder: nn.Module) -> nn.Modul
     return build_decoder(cfg.decoder.model, latent_channels=c, grid_size=h,
                          patch_size=cfg.decoder.patch_size, pixel_mean=encoder.pixel_mean,
                          pixel_std=encoder.pixel_std, noise_tau=cfg.decoder.noise_tau,
-                         noise_law=cfg.decoder.noise_law)
+                         noise_law=cfg.decoder.noise_law,
+                         refine_channels=cfg.decoder.refine.channels,
+                         refine_kernel=cfg.decoder.refine.kernel)
 
 
 def load_decoder(cfg: Config, paths: Paths, encoder: nn.Module,
@@ -185,8 +187,11 @@ def autoencoder_macs(cfg: Config) -> tuple[float, float]:
     with torch.device("meta"):
         encoder = build_encoder(cfg.encoder.name, r, random_init=True)
         c, h, _ = encoder.latent_shape
+        refine = cfg.decoder.refine
         decoder = build_decoder(cfg.decoder.model, c, h, cfg.decoder.patch_size,
-                                encoder.pixel_mean, encoder.pixel_std).eval()
+                                encoder.pixel_mean, encoder.pixel_std,
+                                refine_channels=refine.channels,
+                                refine_kernel=refine.kernel).eval()
         macs = []
         for fn, x in ((encoder.encode, torch.empty(1, 3, r, r)),
                       (decoder, torch.empty(1, c, h, h))):

@@ -119,9 +119,19 @@ class GanConfig(_Schema):
     diffaug: bool = True
 
 
+class RefineConfig(_Schema):
+    """A residual convolution over the decoder's unpatchified output (rae_core.decoder.Refine):
+    neighbouring patches, painted by separate tokens, can then agree across their shared edges.
+    channels = 0: none, the plain ViT decoder of the paper."""
+
+    channels: int = Field(0, ge=0)  # hidden channels of conv(3 -> c), GELU, conv(c -> 3)
+    kernel: Literal[3, 5] = 3
+
+
 class DecoderConfig(_Schema):
     model: str = "ViT-tiny"
     patch_size: int = Field(8, ge=1)
+    refine: RefineConfig = Field(default_factory=RefineConfig)
     noise_tau: Float = Field(0.8, ge=0.0)
     noise_law: Literal["paper", "reference"] = "paper"
     steps: int = Field(600, ge=1)

@@ -2,8 +2,10 @@
 
 Linear(C -> D) per token, a learned CLS token, fixed 2D sin-cos position embedding, L pre-norm
 ViT blocks, a final LayerNorm and Linear(D -> p*p*3); CLS is dropped and the patches are
-unpatchified. The prediction lives in the encoder's normalised pixel space and is mapped back to
-[0, 1]-space with the encoder's mean/std (no clamp, so training sees the true error).
+unpatchified, optionally followed by a small residual convolution across the patch edges
+(Refine; not in the paper). The prediction lives in the encoder's normalised pixel space and is
+mapped back to [0, 1]-space with the encoder's mean/std (no clamp, so training sees the true
+error).
 
 During training only, the decoder sees noise-augmented latents z + sigma * eps (one sigma per
 sample), which makes it robust to the imperfect latents a diffusion model generates.
@@ -87,12 +89,31 @@ def init_vit_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+class Refine(nn.Module):
+    """x + conv(GELU(conv(x))) on the unpatchified image (B, 3, H, W): the linear head paints each
+    patch from its own token alone, so only a convolution across patch edges lets neighbours
+    agree there."""
+
+    def __init__(self, channels: int, kernel: int = 3) -> None:
+        super().__init__()
+        self.inner = nn.Conv2d(3, channels, kernel, padding=kernel // 2)
+        self.outer = nn.Conv2d(channels, 3, kernel, padding=kernel // 2)
+        # Zero-initialise the outer conv (as DiT zeroes its adaLN and output layers): the block
+        # starts as the identity, i.e. as the plain ViT decoder, and learns only a correction.
+        nn.init.zeros_(self.outer.weight)
+        nn.init.zeros_(self.outer.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.outer(F.gelu(self.inner(x)))  # (B, 3, H, W)
+
+
 class ViTDecoder(nn.Module):
     def __init__(self, latent_channels: int, grid_size: int, patch_size: int, width: int,
                  depth: int, heads: int, mlp_dim: int,
                  pixel_mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
                  pixel_std: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                 noise_tau: float = 0.0, noise_law: NoiseLaw = "paper") -> None:
+                 noise_tau: float = 0.0, noise_law: NoiseLaw = "paper",
+                 refine_channels: int = 0, refine_kernel: int = 3) -> None:
         super().__init__()
         if noise_law not in ("paper", "reference"):
             raise ConfigError(f"decoder.noise_law = {noise_law!r}; valid: 'paper', 'reference'")
@@ -110,6 +131,7 @@ class ViTDecoder(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, mlp_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = nn.Linear(width, patch_size * patch_size * 3)
+        self.refine = Refine(refine_channels, refine_kernel) if refine_channels else None
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1),
@@ -146,6 +168,8 @@ class ViTDecoder(nn.Module):
             x = block(x)
         x = self.head(self.norm(x))[:, 1:]  # (B, N, p*p*3), CLS dropped
         x = F.pixel_shuffle(x.transpose(1, 2).reshape(b, -1, h, w), self.patch_size)
+        if self.refine is not None:
+            x = self.refine(x)
         return x * self.pixel_std + self.pixel_mean  # (B, 3, h*p, w*p)
 
 
@@ -159,10 +183,12 @@ def _spec(name: str) -> DecoderSpec:
 
 def build_decoder(name: str, latent_channels: int, grid_size: int, patch_size: int,
                   pixel_mean: tuple[float, float, float], pixel_std: tuple[float, float, float],
-                  noise_tau: float = 0.0, noise_law: NoiseLaw = "paper") -> ViTDecoder:
+                  noise_tau: float = 0.0, noise_law: NoiseLaw = "paper",
+                  refine_channels: int = 0, refine_kernel: int = 3) -> ViTDecoder:
     s = _spec(name)
     return ViTDecoder(latent_channels, grid_size, patch_size, s.width, s.depth, s.heads,
-                      s.mlp_dim, tuple(pixel_mean), tuple(pixel_std), noise_tau, noise_law)
+                      s.mlp_dim, tuple(pixel_mean), tuple(pixel_std), noise_tau, noise_law,
+                      refine_channels, refine_kernel)
 
 
 def decoder_param_count(name: str, latent_channels: int = 768, grid_size: int = 16,

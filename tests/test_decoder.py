@@ -123,3 +123,45 @@ def test_tiny_decoder_learns_to_reconstruct_from_mae_micro_latents():
     with torch.no_grad():
         end = (dec.eval()(z) - images).abs().mean()
     assert end < 0.3 * start, (float(start), float(end))
+
+
+@pytest.mark.parametrize("name", sorted(DECODERS))
+def test_refine_keeps_the_output_shape_of_every_decoder(name):
+    with torch.device("meta"):
+        dec = build_decoder(name, 64, 4, 8, IMAGENET_MEAN, IMAGENET_STD, refine_channels=16)
+        assert dec(torch.empty(2, 64, 4, 4)).shape == (2, 3, 32, 32)
+    assert tiny().refine is None  # off by default: the paper's decoder
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_refine_starts_as_the_identity(kernel):
+    torch.manual_seed(0)
+    plain, refined = tiny().eval(), tiny(refine_channels=16, refine_kernel=kernel).eval()
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("refine.") for k in missing)
+    z = torch.randn(3, 64, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(refined(z), plain(z))
+
+
+def test_refine_learns_to_join_patches_across_their_edges():
+    from rae_core.decoder import Refine
+    from rae_core.evaluation import seam_energies, seam_ratio
+
+    torch.manual_seed(0)
+    target = smooth_images(16, seed=5)
+    blocky = F.interpolate(F.avg_pool2d(target, 8), scale_factor=8, mode="nearest")
+    blocky = blocky + 0.01 * torch.randn(blocky.shape)  # some texture inside the patches
+    refine = Refine(16)
+    opt = torch.optim.Adam(refine.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = (refine(blocky) - target).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert refine.outer.weight.abs().sum() > 0  # the zero-initialised conv receives gradients
+    with torch.no_grad():
+        out = refine(blocky)
+    assert (out - target).abs().mean() < 0.7 * (blocky - target).abs().mean()
+    seams = [seam_ratio(seam_energies(x, 8)) for x in (blocky, out, target)]
+    assert seams[0] > 10 and seams[1] < 0.2 * seams[0], seams

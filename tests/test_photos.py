@@ -11,6 +11,7 @@ from PIL import Image
 
 from rae_core.data.folder import load_split, validate_folder
 from rae_core.data.photos import PER_CLASS, PHOTOS, PHOTOS_SIZE, materialise_photos, photo_crops
+from rae_core.errors import ConfigError
 from rae_core.evaluation import seam_energies, seam_ratio
 from rae_core.metrics import train_domain_classifier
 from rae_core.paths import Paths
@@ -128,3 +129,15 @@ def test_the_seam_ratio_is_one_for_photos_and_large_for_flat_patches(crops):
     parts = seam_energies(blocky[:100], 8) + seam_energies(blocky[100:], 8)
     assert seam_ratio(parts) == pytest.approx(seam_ratio(seam_energies(blocky, 8)), rel=1e-12)
     assert seam_ratio(seam_energies(torch.full((1, 3, 16, 16), 0.5), 8)) == 1.0
+
+
+def test_only_the_photo_preset_refines_its_decoder():
+    from rae_core.presets import PRESETS
+
+    for name in PRESETS:  # the digits, the paper's presets and the other families: no refine
+        refine = load_config(None, name).decoder.refine
+        assert refine.channels == (32 if name == "tiny-photos" else 0), name
+    with pytest.raises(ConfigError, match="decoder.refine.kernel"):
+        load_config(None, "tiny-photos", ["decoder.refine.kernel=4"])
+    with pytest.raises(ConfigError, match="decoder.refine.channels"):
+        load_config(None, "tiny-photos", ["decoder.refine.channels=-1"])
