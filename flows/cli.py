@@ -221,7 +221,7 @@ def _dispatch(args, root: Path) -> int:
         from rae_core.validate import preflight
 
         preflight(cfg, root, stages)  # bad data or weights: one line, before any server starts
-        from flows.services import attach
+        from flows.services import attach, watch_ray_head
 
         # the Prefect and Ray an earlier run left, or new ones booting while this process
         # imports the flows and opens the tracking store
@@ -234,11 +234,22 @@ def _dispatch(args, root: Path) -> int:
         logging.getLogger(__name__).info("rae: imports and tracking store took %.1f s",
                                          time.time() - t0)
         services_ready()
+        watch_ray_head(_ray_head_lost)
         if args.command == "run":
             pipeline_flow(cfg, str(root), args.until, args.force)
         else:
             stage_flow(args.stage, cfg, str(root), args.force)
     return 0
+
+
+def _ray_head_lost(address: str) -> None:
+    """The run cannot go on without its Ray head: say so in one line and stop now. The finished
+    stages' records and the checkpoints are on disk; the unfinished MLflow runs are continued
+    by the next attempt."""
+    print(f"rae: error: the Ray head at {address} stopped answering during the run; finished "
+          "stages and checkpoints are kept: run the same command again to resume from them",
+          file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _to_run(args, cfg, root: Path) -> list[str]:

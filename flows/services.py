@@ -279,6 +279,30 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def watch_ray_head(on_lost: Callable[[str], None], poll_s: float = 2.0, misses: int = 3) -> None:
+    """From a daemon thread: once this process has joined Ray, call `on_lost(address)` when its
+    head stops accepting connections `misses` polls in a row. Ray's own client would end the
+    process only after a minute, with its own message ("Failed to connect to GCS")."""
+    import threading
+
+    def loop() -> None:
+        while not ((ray := sys.modules.get("ray")) and ray.is_initialized()):
+            time.sleep(poll_s)
+        address = ray.get_runtime_context().gcs_address
+        host, port = address.rsplit(":", 1)
+        missed = 0
+        while missed < misses:
+            time.sleep(poll_s)
+            try:
+                socket.create_connection((host, int(port)), timeout=poll_s).close()
+                missed = 0
+            except OSError:
+                missed += 1
+        on_lost(address)
+
+    threading.Thread(target=loop, name="ray-head-watch", daemon=True).start()
+
+
 def watch(home: Path) -> None:
     """Stop the services once no user has run for the idle timeout, or the record is gone."""
     me, known = os.getpid(), {}

@@ -4,6 +4,7 @@ and `rae sync` logs it into the same run, once. The end-to-end test SIGKILLs a r
 on loopback during a training stage."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -198,3 +199,58 @@ def test_a_stage_outlives_a_killed_tracking_server_and_sync_logs_the_rest(tmp_pa
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_a_killed_ray_head_ends_the_stage_in_one_line_and_the_rerun_resumes(tmp_path, digits_root):
+    """SIGKILL the project's Ray head once a training stage has checkpointed: the stage stops
+    within seconds, in one line, and the same command again resumes from the checkpoint, in the
+    same MLflow run."""
+    import json
+    import sqlite3
+
+    from flows import services
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_API_URL", "RAY_ADDRESS", "PREFECT_HOME", "RAE_LOCAL_RAY",
+                        "MLFLOW_TRACKING_URI")}
+    env.update(RAE_SERVICES_IDLE_S="30", PATH=f"{BIN}{os.pathsep}{env['PATH']}")
+    proj = tmp_path / "project"
+    (proj / "data").mkdir(parents=True)
+    (proj / "data" / "dataset").symlink_to(digits_root, target_is_directory=True)
+    cmd = [str(BIN / "rae"), "stage", "pretrain-encoder", "--preset", "smoke",
+           "--set", "encoder.pretrain.steps=150", "--set", "encoder.pretrain.ckpt_every=10"]
+    home = proj / ".prefect"
+    try:
+        stage = subprocess.Popen(cmd, cwd=proj, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        end = time.time() + 240
+        while time.time() < end and not list((proj / "runs" / "checkpoints").glob(
+                "pretrain-encoder-*/last.pt")):
+            assert stage.poll() is None, stage.communicate()[1][-2000:]
+            time.sleep(0.2)
+        os.killpg(services.read(home)["ray"]["pid"], signal.SIGKILL)
+        killed = time.time()
+        _, err = stage.communicate(timeout=120)
+        assert time.time() - killed < 30  # Ray's own client would wait a minute
+        assert stage.returncode == 1
+        last = err.strip().splitlines()[-1]
+        assert re.fullmatch(r"rae: error: the Ray head at [\d.]+:\d+ stopped answering during "
+                            r"the run; .* run the same command again to resume from them",
+                            last), err[-2000:]
+
+        again = subprocess.run(cmd, cwd=proj, env=env, capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+        log = (proj / "runs" / "logs" / "pretrain-encoder.jsonl").read_text()
+        resumed = [r["step"] for r in map(json.loads, log.splitlines())
+                   if r.get("event", "").startswith("resumed at step")]
+        assert resumed and resumed[0] >= 10
+        with sqlite3.connect(proj / "mlflow.db") as db:
+            runs = db.execute("SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid"
+                              " WHERE t.key = 'rae.stage' AND t.value = 'pretrain-encoder'"
+                              ).fetchall()
+        assert runs == [("FINISHED",)]  # one curve: the first attempt's run, continued
+    finally:
+        rec = services.read(home)
+        for name in ("watchdog", "prefect", "ray"):
+            services._stop(rec.get(name))
