@@ -221,8 +221,10 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def one_line(e: BaseException) -> str:
     """The user-facing line of an error, unwrapping Ray's wrappers to the original cause."""
     seen = root_cause(e)
-    if type(seen).__module__.startswith("httpx") and os.environ.get("PREFECT_API_URL"):
-        # only Prefect's client speaks httpx here; the stages' work is recorded as they end
+    if type(seen).__module__.startswith(("httpx", "httpcore")) and \
+            os.environ.get("PREFECT_API_URL"):
+        # only Prefect's client speaks httpx (over httpcore, whose error is the innermost) here;
+        # the stages' work is recorded as they end
         return (f"PREFECT_API_URL={os.environ['PREFECT_API_URL']}: the Prefect server stopped "
                 f"answering during the run ({type(seen).__name__}); finished stages are kept, "
                 "`rae run` again resumes from them")

@@ -254,3 +254,55 @@ def test_a_killed_ray_head_ends_the_stage_in_one_line_and_the_rerun_resumes(tmp_
         rec = services.read(home)
         for name in ("watchdog", "prefect", "ray"):
             services._stop(rec.get(name))
+
+
+def test_a_killed_prefect_server_loses_no_finished_stage_and_the_rerun_resumes(tmp_path,
+                                                                               digits_root):
+    """SIGKILL the project's Prefect server while a stage trains: the run ends in one line
+    naming PREFECT_API_URL (or finishes: Prefect 3 keeps task state in the client), and the same
+    command again skips every stage that finished and completes the rest."""
+    from flows import services
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_API_URL", "RAY_ADDRESS", "PREFECT_HOME", "RAE_LOCAL_RAY",
+                        "MLFLOW_TRACKING_URI")}
+    # the client's own retries of a dead server, short (the default waits about a minute)
+    env.update(RAE_SERVICES_IDLE_S="30", PREFECT_CLIENT_MAX_RETRIES="1",
+               PATH=f"{BIN}{os.pathsep}{env['PATH']}")
+    proj = tmp_path / "project"
+    (proj / "data").mkdir(parents=True)
+    (proj / "data" / "dataset").symlink_to(digits_root, target_is_directory=True)
+    cmd = [str(BIN / "rae"), "run", "--preset", "smoke", "--until", "train-generator"]
+    home = proj / ".prefect"
+    try:
+        run = subprocess.Popen(cmd, cwd=proj, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        end = time.time() + 300
+        while time.time() < end and not list((proj / "runs" / "checkpoints").glob(
+                "train-generator-*/last.pt")):
+            assert run.poll() is None, run.communicate()[1][-2000:]
+            time.sleep(0.2)
+        prefect = services.read(home)["prefect"]
+        os.killpg(prefect["pid"], signal.SIGKILL)
+        out, err = run.communicate(timeout=300)
+        if run.returncode:
+            # Prefect's own complaints come first, the last without its newline
+            (last,) = re.findall(r"rae: error: .*", err)
+            assert re.fullmatch(
+                rf"rae: error: PREFECT_API_URL={re.escape(prefect['url'])}: the Prefect server "
+                r"stopped answering during the run \(\w+\); finished stages are kept, "
+                r"`rae run` again resumes from them", last), err[-2000:]
+        finished = {p.stem for p in (proj / "runs" / "records").glob("*.json")}
+        assert {"prepare", "pretrain-encoder", "stats", "extract"} <= finished
+
+        again = subprocess.run(cmd, cwd=proj, env=env, capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+        for name in finished:
+            assert f"{name}: skipped (unchanged since" in again.stdout, again.stdout[-2000:]
+        assert {p.stem for p in (proj / "runs" / "records").glob("*.json")} == {
+            "prepare", "pretrain-encoder", "stats", "extract", "train-decoder", "train-generator"}
+    finally:
+        rec = services.read(home)
+        for name in ("watchdog", "prefect", "ray"):
+            services._stop(rec.get(name))
