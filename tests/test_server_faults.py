@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import _free_port, _wait, mlflow_server_command
 
-from flows import journal, tracking
+from flows import journal, services, tracking
 from rae_core.paths import Paths
 from rae_core.presets import load_config
 
@@ -201,6 +201,37 @@ def test_a_stage_outlives_a_killed_tracking_server_and_sync_logs_the_rest(tmp_pa
         server.wait(timeout=30)
 
 
+def _project(tmp_path: Path, digits_root: Path, **settings: str) -> tuple[Path, dict]:
+    """A project on the digits whose `rae` commands share a Prefect server and Ray head of their
+    own (.prefect/services.json) and track into its mlflow.db."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_API_URL", "RAY_ADDRESS", "PREFECT_HOME", "RAE_LOCAL_RAY",
+                        "MLFLOW_TRACKING_URI")}
+    env.update(RAE_SERVICES_IDLE_S="30", PATH=f"{BIN}{os.pathsep}{env['PATH']}", **settings)
+    proj = tmp_path / "project"
+    (proj / "data").mkdir(parents=True)
+    (proj / "data" / "dataset").symlink_to(digits_root, target_is_directory=True)
+    return proj, env
+
+
+def _start_until_checkpoint(cmd: list[str], proj: Path, env: dict, stage: str):
+    """`cmd` started in `proj`, returned once `stage` has written its first checkpoint."""
+    proc = subprocess.Popen(cmd, cwd=proj, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    end = time.time() + 300
+    while time.time() < end and not list((proj / "runs" / "checkpoints").glob(
+            f"{stage}-*/last.pt")):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    return proc
+
+
+def _stop_services(home: Path) -> None:
+    rec = services.read(home)
+    for name in ("watchdog", "prefect", "ray"):
+        services._stop(rec.get(name))
+
+
 def test_a_killed_ray_head_ends_the_stage_in_one_line_and_the_rerun_resumes(tmp_path, digits_root):
     """SIGKILL the project's Ray head once a training stage has checkpointed: the stage stops
     within seconds, in one line, and the same command again resumes from the checkpoint, in the
@@ -208,26 +239,12 @@ def test_a_killed_ray_head_ends_the_stage_in_one_line_and_the_rerun_resumes(tmp_
     import json
     import sqlite3
 
-    from flows import services
-
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PREFECT_API_URL", "RAY_ADDRESS", "PREFECT_HOME", "RAE_LOCAL_RAY",
-                        "MLFLOW_TRACKING_URI")}
-    env.update(RAE_SERVICES_IDLE_S="30", PATH=f"{BIN}{os.pathsep}{env['PATH']}")
-    proj = tmp_path / "project"
-    (proj / "data").mkdir(parents=True)
-    (proj / "data" / "dataset").symlink_to(digits_root, target_is_directory=True)
     cmd = [str(BIN / "rae"), "stage", "pretrain-encoder", "--preset", "smoke",
            "--set", "encoder.pretrain.steps=150", "--set", "encoder.pretrain.ckpt_every=10"]
+    proj, env = _project(tmp_path, digits_root)
     home = proj / ".prefect"
     try:
-        stage = subprocess.Popen(cmd, cwd=proj, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
-        end = time.time() + 240
-        while time.time() < end and not list((proj / "runs" / "checkpoints").glob(
-                "pretrain-encoder-*/last.pt")):
-            assert stage.poll() is None, stage.communicate()[1][-2000:]
-            time.sleep(0.2)
+        stage = _start_until_checkpoint(cmd, proj, env, "pretrain-encoder")
         os.killpg(services.read(home)["ray"]["pid"], signal.SIGKILL)
         killed = time.time()
         _, err = stage.communicate(timeout=120)
@@ -251,9 +268,7 @@ def test_a_killed_ray_head_ends_the_stage_in_one_line_and_the_rerun_resumes(tmp_
                               ).fetchall()
         assert runs == [("FINISHED",)]  # one curve: the first attempt's run, continued
     finally:
-        rec = services.read(home)
-        for name in ("watchdog", "prefect", "ray"):
-            services._stop(rec.get(name))
+        _stop_services(home)
 
 
 def test_a_killed_prefect_server_loses_no_finished_stage_and_the_rerun_resumes(tmp_path,
@@ -261,27 +276,12 @@ def test_a_killed_prefect_server_loses_no_finished_stage_and_the_rerun_resumes(t
     """SIGKILL the project's Prefect server while a stage trains: the run ends in one line
     naming PREFECT_API_URL (or finishes: Prefect 3 keeps task state in the client), and the same
     command again skips every stage that finished and completes the rest."""
-    from flows import services
-
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PREFECT_API_URL", "RAY_ADDRESS", "PREFECT_HOME", "RAE_LOCAL_RAY",
-                        "MLFLOW_TRACKING_URI")}
     # the client's own retries of a dead server, short (the default waits about a minute)
-    env.update(RAE_SERVICES_IDLE_S="30", PREFECT_CLIENT_MAX_RETRIES="1",
-               PATH=f"{BIN}{os.pathsep}{env['PATH']}")
-    proj = tmp_path / "project"
-    (proj / "data").mkdir(parents=True)
-    (proj / "data" / "dataset").symlink_to(digits_root, target_is_directory=True)
+    proj, env = _project(tmp_path, digits_root, PREFECT_CLIENT_MAX_RETRIES="1")
     cmd = [str(BIN / "rae"), "run", "--preset", "smoke", "--until", "train-generator"]
     home = proj / ".prefect"
     try:
-        run = subprocess.Popen(cmd, cwd=proj, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-        end = time.time() + 300
-        while time.time() < end and not list((proj / "runs" / "checkpoints").glob(
-                "train-generator-*/last.pt")):
-            assert run.poll() is None, run.communicate()[1][-2000:]
-            time.sleep(0.2)
+        run = _start_until_checkpoint(cmd, proj, env, "train-generator")
         prefect = services.read(home)["prefect"]
         os.killpg(prefect["pid"], signal.SIGKILL)
         out, err = run.communicate(timeout=300)
@@ -303,6 +303,4 @@ def test_a_killed_prefect_server_loses_no_finished_stage_and_the_rerun_resumes(t
         assert {p.stem for p in (proj / "runs" / "records").glob("*.json")} == {
             "prepare", "pretrain-encoder", "stats", "extract", "train-decoder", "train-generator"}
     finally:
-        rec = services.read(home)
-        for name in ("watchdog", "prefect", "ray"):
-            services._stop(rec.get(name))
+        _stop_services(home)
