@@ -139,13 +139,18 @@ def answers(name: str, entry: dict | None) -> bool:
         except OSError:
             return False
     if name == "ray":
-        host, port = entry["address"].rsplit(":", 1)
-        try:
-            socket.create_connection((host, int(port)), timeout=20).close()
-            return True
-        except OSError:
-            return False
+        return _accepts(entry["address"], timeout=20)
     return True
+
+
+def _accepts(address: str, timeout: float) -> bool:
+    """Whether host:port accepts a TCP connection."""
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -289,15 +294,10 @@ def watch_ray_head(on_lost: Callable[[str], None], poll_s: float = 2.0, misses: 
         while not ((ray := sys.modules.get("ray")) and ray.is_initialized()):
             time.sleep(poll_s)
         address = ray.get_runtime_context().gcs_address
-        host, port = address.rsplit(":", 1)
         missed = 0
         while missed < misses:
             time.sleep(poll_s)
-            try:
-                socket.create_connection((host, int(port)), timeout=poll_s).close()
-                missed = 0
-            except OSError:
-                missed += 1
+            missed = 0 if _accepts(address, timeout=poll_s) else missed + 1
         on_lost(address)
 
     threading.Thread(target=loop, name="ray-head-watch", daemon=True).start()

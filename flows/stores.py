@@ -79,10 +79,10 @@ def build() -> list[Path]:
             if path.exists():
                 continue
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                db = Path(tmp) / "empty.db"
+                db, whole = Path(tmp) / "empty.db", Path(tmp) / "template.db"
                 _MIGRATE[kind](db)
-                _copy(db, path.with_name(f".{path.name}.tmp"))
-                os.replace(path.with_name(f".{path.name}.tmp"), path)
+                _copy(db, whole)  # one file, whatever journal the migration left beside it
+                os.replace(whole, path)
             made.append(path)
     return made
 

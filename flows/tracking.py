@@ -448,7 +448,7 @@ class MetricsForwarder:
 
     def flush(self) -> None:
         """Send the lines not yet sent; worker log lines are re-logged only the first time."""
-        if is_offline(self.run_id) or offline(self.run_id):
+        if offline(self.run_id):
             self._read(self._lines())
             return
         batch: list[list] = []
@@ -527,12 +527,12 @@ def register(run_id: str, model, name: str, tags: dict[str, str]) -> str:
     import mlflow.pytorch
     from torch import nn
 
-    # given, not inferred: inference imports the model in a subprocess (~4 s per registration)
-    requirements = [f"{p}=={installed(p).split('+')[0]}"
-                    for p in ("torch", "cloudpickle", "rae-platform")]
     found = client().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if found:  # registered already, by an attempt whose answer was lost
         return str(found[0].version)
+    # given, not inferred: inference imports the model in a subprocess (~4 s per registration)
+    requirements = [f"{p}=={installed(p).split('+')[0]}"
+                    for p in ("torch", "cloudpickle", "rae-platform")]
     with mlflow.start_run(run_id=run_id):  # the logged model is the run's output
         info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
                                         registered_model_name=name,
