@@ -152,6 +152,9 @@ class DecoderConfig(_Schema):
 
 # (section, key) of settings that only say which files are kept
 RETENTION_KEYS = (("generator", "keep_snapshots"),)
+# how a result is computed (loader processes, pinned memory), never what it is: left out of the
+# fingerprint like retention, so changing one resumes a run; paths of nested keys
+EXECUTION_KEYS: tuple[tuple[str, ...], ...] = ()
 
 
 class GeneratorConfig(_Schema):
@@ -293,8 +296,11 @@ class Config(_Schema):
         """A short hash of the named sections (all when none): keys checkpoints and outputs.
         Settings of what is kept, not of what is computed, are left out: changing one resumes."""
         d = self.to_dict()
-        for section, key in RETENTION_KEYS:
-            d[section].pop(key)
+        for *parents, key in RETENTION_KEYS + EXECUTION_KEYS:
+            node = d
+            for part in parents:
+                node = node[part]
+            node.pop(key)
         picked = {s: d[s] for s in sections} if sections else d
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -276,12 +276,14 @@ def worker_setup(cfg: Config) -> tuple[int, int, Any]:
     import ray.train.torch
     import torch
 
+    from rae_core import device
+
     torch.set_num_threads(cfg.ray.cpus_per_worker)
     if not _in_ray_train():
-        return 0, 1, torch.device("cuda" if cfg.ray.use_gpu else "cpu")
+        return 0, 1, device.of(cfg)
     ctx = ray.train.get_context()
-    device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
-    return ctx.get_world_rank(), ctx.get_world_size(), device
+    here = ray.train.torch.get_device() if cfg.ray.use_gpu else device.of(cfg)
+    return ctx.get_world_rank(), ctx.get_world_size(), here
 
 
 def _in_ray_train() -> bool:
