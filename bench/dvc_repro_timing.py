@@ -75,9 +75,7 @@ def dvc_repro(preset: str) -> tuple[float, float]:
                     ["git", "commit", "-qm", "bench"]):
             _run(cmd, proj, env)
         wall = _run(["dvc", "repro"], proj, env)
-        rec = services.read(proj / ".prefect")
-        for name in ("watchdog", "prefect", "ray"):
-            services._stop(rec.get(name))
+        services.stop_all(proj / ".prefect")
         return wall, stage_seconds(proj)
 
 

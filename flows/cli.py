@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
 
     configure(root)  # logging as well: flows/logging.yml, applied when Prefect is imported
     try:
+        if args.command == "stage":  # one driver process runs a project's stages (dvc repro)
+            from flows import driver
+
+            if (rc := driver.hand_over(sys.argv[1:] if argv is None else argv, root)) is not None:
+                return rc
         return _dispatch(args, root)
     except ConfigError as e:
         print(f"rae: error: {e}", file=sys.stderr)
@@ -249,6 +254,9 @@ def _ray_head_lost(address: str) -> None:
     print(f"rae: error: the Ray head at {address} stopped answering during the run; finished "
           "stages and checkpoints are kept: run the same command again to resume from them",
           file=sys.stderr, flush=True)
+    from flows import driver
+
+    driver.ending(1)
     os._exit(1)
 
 

@@ -37,6 +37,11 @@ from rae_core.errors import RaeError
 log = logging.getLogger(__name__)
 RECORD = "services.json"
 START_TIMEOUT_S = 120.0
+# what services.json may record, each stopped as a process group: the driver first (flows.driver),
+# the watchdog before what it minds
+RECORDED = ("driver", "watchdog", "prefect", "ray")
+_released_at_exit: set[Path] = set()
+_watching_ray = False
 
 
 def idle_timeout() -> float:
@@ -73,9 +78,13 @@ def attach(command: str, root: Path, cfg, wait: bool = True) -> Callable[[], Non
         rec["users"] = [p for p in rec.get("users", []) if _pid_alive(p)] + [os.getpid()]
         rec["touched"], rec["idle_s"] = time.time(), idle_timeout()  # the latest user's setting
         _write(home, rec)
-    atexit.register(_release, home, os.getpid())
+    if home not in _released_at_exit:  # a driver attaches once per command
+        _released_at_exit.add(home)
+        atexit.register(release, home, os.getpid())
     if "prefect" in wanted:
         os.environ["PREFECT_API_URL"] = rec["prefect"]["url"]
+        if context := sys.modules.get("prefect.context"):  # imported by an earlier command
+            context.refresh_global_settings_context()
     if "ray" in wanted and rec["ray"]["num_cpus"] >= need:
         os.environ["RAE_LOCAL_RAY"] = rec["ray"]["address"]  # read by ensure_ray
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -167,8 +176,8 @@ def _write(home: Path, rec: dict) -> None:
     os.replace(tmp, home / RECORD)
 
 
-def _release(home: Path, pid: int) -> None:
-    """The watchdog counts idle time from the last user's exit."""
+def release(home: Path, pid: int) -> None:
+    """The watchdog counts idle time from the last user's exit (or a driver's last command)."""
     with _locked(home):
         rec = read(home)
         if rec:
@@ -257,6 +266,13 @@ def _ready(name: str, logs: Path) -> bool:
     return name != "ray" or "Ray runtime started" in (logs / "ray.log").read_text()
 
 
+def stop_all(home: Path) -> None:
+    """Stop everything the project's services.json records (tests, benchmarks, clean-up)."""
+    rec = read(home)
+    for name in RECORDED:
+        _stop(rec.get(name))
+
+
 def _stop(entry: dict | None) -> None:
     """Stop a service's process group: SIGTERM, then SIGKILL for what is left after 10 s."""
     if not entry:
@@ -287,8 +303,14 @@ def _group_alive(pgid: int) -> bool:
 def watch_ray_head(on_lost: Callable[[str], None], poll_s: float = 2.0, misses: int = 3) -> None:
     """From a daemon thread: once this process has joined Ray, call `on_lost(address)` when its
     head stops accepting connections `misses` polls in a row. Ray's own client would end the
-    process only after a minute, with its own message ("Failed to connect to GCS")."""
+    process only after a minute, with its own message ("Failed to connect to GCS"). Once per
+    process: a driver runs many commands on one Ray connection."""
     import threading
+
+    global _watching_ray
+    if _watching_ray:
+        return
+    _watching_ray = True
 
     def loop() -> None:
         while not ((ray := sys.modules.get("ray")) and ray.is_initialized()):
@@ -309,7 +331,7 @@ def watch(home: Path) -> None:
     while True:
         time.sleep(1.0)
         if known and not (home / RECORD).exists():  # the project was removed: none can join
-            for name in ("prefect", "ray"):
+            for name in ("driver", "prefect", "ray"):
                 _stop(known.get(name))
             return
         with _locked(home):
@@ -323,7 +345,7 @@ def watch(home: Path) -> None:
                 rec["users"], rec["touched"] = users, time.time()
                 _write(home, rec)
             elif time.time() - rec.get("touched", 0) > idle:
-                for name in ("prefect", "ray"):
+                for name in ("driver", "prefect", "ray"):
                     _stop(rec.get(name))
                 (home / RECORD).unlink(missing_ok=True)
                 log.info("stopped the shared services after %.0f s idle", idle)

@@ -226,12 +226,6 @@ def _start_until_checkpoint(cmd: list[str], proj: Path, env: dict, stage: str):
     return proc
 
 
-def _stop_services(home: Path) -> None:
-    rec = services.read(home)
-    for name in ("watchdog", "prefect", "ray"):
-        services._stop(rec.get(name))
-
-
 def test_a_killed_ray_head_ends_the_stage_in_one_line_and_the_rerun_resumes(tmp_path, digits_root):
     """SIGKILL the project's Ray head once a training stage has checkpointed: the stage stops
     within seconds, in one line, and the same command again resumes from the checkpoint, in the
@@ -268,7 +262,7 @@ def test_a_killed_ray_head_ends_the_stage_in_one_line_and_the_rerun_resumes(tmp_
                               ).fetchall()
         assert runs == [("FINISHED",)]  # one curve: the first attempt's run, continued
     finally:
-        _stop_services(home)
+        services.stop_all(home)
 
 
 def test_a_killed_prefect_server_loses_no_finished_stage_and_the_rerun_resumes(tmp_path,
@@ -303,4 +297,4 @@ def test_a_killed_prefect_server_loses_no_finished_stage_and_the_rerun_resumes(t
         assert {p.stem for p in (proj / "runs" / "records").glob("*.json")} == {
             "prepare", "pretrain-encoder", "stats", "extract", "train-decoder", "train-generator"}
     finally:
-        _stop_services(home)
+        services.stop_all(home)

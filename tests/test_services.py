@@ -37,10 +37,7 @@ def project(tmp_path_factory):
     subprocess.run([BIN / "rae", "params", "--preset", "smoke"], cwd=root, env=env, check=True,
                    capture_output=True)
     yield root, env
-    rec = services.read(root / ".prefect")
-    for name in ("watchdog", "prefect", "ray"):  # whatever a failed test left running
-        if rec.get(name):
-            services._stop(rec[name])
+    services.stop_all(root / ".prefect")  # whatever a failed test left running
 
 
 def _run(cmd: list, root: Path, env: dict) -> tuple[float, str]:
@@ -118,7 +115,7 @@ def test_the_services_stop_after_the_idle_timeout(project):
     _run([sys.executable, "-c", ATTACH.split("import ray;")[0]], root, short)
     rec = services.read(root / ".prefect")
     assert rec["idle_s"] == 3
-    pids = [rec[n]["pid"] for n in ("prefect", "ray", "watchdog")]
+    pids = [rec[n]["pid"] for n in services.RECORDED if n in rec]
     deadline = time.time() + 3 + 30
     while time.time() < deadline and any(services._group_alive(p) for p in pids):
         time.sleep(0.5)

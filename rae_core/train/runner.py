@@ -33,7 +33,11 @@ def ensure_ray(cfg: Config) -> None:
     import ray
 
     if ray.is_initialized():
-        return
+        shared = os.environ.get("RAE_LOCAL_RAY")
+        joined = ray.get_runtime_context().gcs_address
+        if not shared or shared.rsplit(":", 1)[1] == joined.rsplit(":", 1)[1]:
+            return
+        ray.shutdown()  # a long-lived driver whose project's head was replaced: join the new one
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
