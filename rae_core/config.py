@@ -34,6 +34,8 @@ _T = TypeVar("_T")
 Float = Annotated[float, BeforeValidator(_float_string)]
 # Strict list that also takes a tuple, as params built in Python may hold one.
 ListOf = Annotated[list[_T], BeforeValidator(lambda v: list(v) if isinstance(v, tuple) else v)]
+# The arithmetic of a stage's models on a GPU (rae_core.device.autocast); the CPU is always fp32.
+Precision = Literal["fp32", "bf16"]
 
 
 class _Schema(BaseModel):
@@ -107,6 +109,7 @@ class ExtractConfig(_Schema):
     batch_size: int = Field(256, ge=1)
     shard_size: int = Field(512, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    precision: Precision = "fp32"  # bf16: the encoder under bf16 autocast, on a GPU only
 
 
 class GanConfig(_Schema):
@@ -227,6 +230,7 @@ class SampleConfig(_Schema):
     batch_size: int = Field(250, ge=1)
     shard_size: int = Field(250, ge=1)
     seed: int = Field(0, ge=0)
+    precision: Precision = "fp32"  # bf16: generator and decoder under bf16 autocast, GPU only
 
 
 class EvaluateConfig(_Schema):
@@ -236,6 +240,9 @@ class EvaluateConfig(_Schema):
     pr_k: int = Field(3, ge=1)
     curve_per_class: int = Field(10, ge=0)  # samples per class for FID at each checkpoint; 0 = off
     batch_size: int = Field(250, ge=1)
+    # bf16: reconstructions and the curve's samples under bf16 autocast, on a GPU only; the
+    # feature extractors and FID's statistics stay fp32/float64
+    precision: Precision = "fp32"
 
 
 class RayConfig(_Schema):
