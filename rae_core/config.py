@@ -43,6 +43,14 @@ class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class LoaderConfig(_Schema):
+    """DataLoader processes that decode training images ahead of the step that needs them."""
+
+    workers: int = Field(0, ge=0)  # 0: decoded in the training process itself
+    prefetch: int = Field(2, ge=1)  # batches each worker reads ahead
+    pin_memory: bool = True  # page-locked batches for faster copies (on a CUDA device only)
+
+
 class DataConfig(_Schema):
     dataset: Literal["digits", "photos", "folder"] = "digits"
     source: str | None = None  # an existing image folder (train/, val/ with class sub-folders)
@@ -53,6 +61,10 @@ class DataConfig(_Schema):
     # Horizontal flips as augmentation of the generator's data (ADM/ImageNet: on). Off for
     # digits, where a mirrored 2 is not a 2.
     hflip: bool = False
+    # splits of at most this many images are decoded once and held in memory; larger ones
+    # (ImageNet's 50,000-image val: ~39 GB at 256 px) are decoded per batch
+    max_in_memory: int = Field(10_000, ge=0)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
 
 
 class PretrainConfig(_Schema):
@@ -109,6 +121,7 @@ class ExtractConfig(_Schema):
     batch_size: int = Field(256, ge=1)
     shard_size: int = Field(512, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gpu_decode: bool = False  # JPEGs decoded on the GPU (nvJPEG) in batches; needs CUDA
     precision: Precision = "fp32"  # bf16: the encoder under bf16 autocast, on a GPU only
 
 
@@ -157,7 +170,8 @@ class DecoderConfig(_Schema):
 RETENTION_KEYS = (("generator", "keep_snapshots"),)
 # how a result is computed (loader processes, pinned memory), never what it is: left out of the
 # fingerprint like retention, so changing one resumes a run; paths of nested keys
-EXECUTION_KEYS: tuple[tuple[str, ...], ...] = ()
+EXECUTION_KEYS: tuple[tuple[str, ...], ...] = (
+    ("data", "loader"), ("data", "max_in_memory"), ("extract", "gpu_decode"))
 
 
 class GeneratorConfig(_Schema):

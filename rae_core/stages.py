@@ -66,21 +66,20 @@ def _encode_range(cfg_dict: dict, root: str, start: int, end: int, both_flips: b
     from rae_core.autoencoder import load_encoder
     from rae_core.config import from_dict
     from rae_core.data.folder import ImageFolderDataset
+    from rae_core.data.loader import range_batches
 
     cfg, paths = from_dict(cfg_dict), Paths.at(root)
     encoder = load_encoder(cfg, paths)
     ds = ImageFolderDataset(paths.dataset(cfg.data.root), "train", cfg.data.resolution)
     bs = cfg.extract.batch_size
     zs, ys = [], []
-    for i in range(start, end, bs):
-        items = [ds[j] for j in range(i, min(i + bs, end))]
-        x = torch.stack([im for im, _ in items])
+    for x, y in range_batches(ds, start, end, bs, cfg):
         z = encoder.encode(x)
         if residual:
             z = encoder.quantizer.residual(z)
         zs.append(torch.stack([z, encoder.encode(x.flip(-1))], 1) if both_flips else z)
-        ys += [lab for _, lab in items]
-    return torch.cat(zs), torch.tensor(ys, dtype=torch.long)
+        ys.append(y)
+    return torch.cat(zs), torch.cat(ys)
 
 
 def _stats_shard(cfg_dict: dict, root: str, start: int, end: int) -> dict:

@@ -227,31 +227,41 @@ def iter_split(root: str | Path, split: str, resolution: int,
     return ImageFolderDataset(root, split, resolution).chunks(chunk)
 
 
+MAX_IN_MEMORY = 10_000  # data.max_in_memory's default
+
+
 class ImageSource:
     """Training images by index with a random horizontal flip per sample.
 
-    Small splits are held in memory; large ones (ImageNet) are decoded per batch.
+    Splits of at most `max_in_memory` images are decoded once and held in memory; larger ones
+    (ImageNet) are decoded per batch. `read` is the part a DataLoader worker can do ahead of the
+    step (rae_core.data.loader), `finish` the part drawn from the step's generator.
     """
 
-    IN_MEMORY_LIMIT = 50_000
-
-    def __init__(self, root: str | Path, split: str, resolution: int):
+    def __init__(self, root: str | Path, split: str, resolution: int,
+                 max_in_memory: int = MAX_IN_MEMORY):
         self.dataset = ImageFolderDataset(root, split, resolution)
         self.images: torch.Tensor | None = None
-        if len(self.dataset) <= self.IN_MEMORY_LIMIT:
+        if len(self.dataset) <= max_in_memory:
             self.images = torch.stack([self.dataset[i][0] for i in range(len(self.dataset))])
         self.labels = torch.tensor(self.dataset.index.labels, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def read(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, R, R) in [0, 1] and labels (B,) of `idx`, unflipped."""
+        if self.images is not None:
+            return self.images[idx], self.labels[idx]
+        return torch.stack([self.dataset[int(i)][0] for i in idx]), self.labels[idx]
+
+    def finish(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+               flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        if flip:
+            f = torch.rand(len(x), generator=generator) < 0.5
+            x = torch.where(f[:, None, None, None], x.flip(-1), x)
+        return x, y
+
     def get(self, idx: torch.Tensor, generator: torch.Generator,
             flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.images is not None:
-            x = self.images[idx]
-        else:
-            x = torch.stack([self.dataset[int(i)][0] for i in idx])
-        if flip:
-            f = torch.rand(len(idx), generator=generator) < 0.5
-            x = torch.where(f[:, None, None, None], x.flip(-1), x)
-        return x, self.labels[idx]
+        return self.finish(*self.read(idx), generator, flip)

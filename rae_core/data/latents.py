@@ -56,7 +56,12 @@ def read_manifest(latents_dir: Path) -> dict:
 
 
 class ShardSource:
-    """All shards memory-mapped; `get` returns normalised latents and labels for indices."""
+    """All shards memory-mapped; `get` returns normalised latents and labels for indices.
+
+    Each shard's latents stay a view of its file: a batch is gathered from the shards its
+    indices fall in, so only the pages of those latents are ever read (ImageNet's shards are
+    ~300 GB as float32).
+    """
 
     def __init__(self, latents_dir: Path, stats, expected_identity: dict, hflip: bool = True):
         manifest = read_manifest(latents_dir)
@@ -64,22 +69,34 @@ class ShardSource:
             raise DataError(f"{latents_dir}: latents were extracted with {manifest['identity']} "
                             f"but the configuration needs {expected_identity}; re-run extract")
         parts = [load_shard(Path(latents_dir) / s) for s in manifest["shards"]]
-        self.latents = torch.cat([p["latents"] for p in parts])  # (N, 2, C, H, W)
-        self.labels = torch.cat([p["labels"] for p in parts])  # (N,)
+        self.shards = [p["latents"] for p in parts]  # each (n_s, 2, C, H, W), memory-mapped
+        self.labels = torch.cat([p["labels"] for p in parts])  # (N,): 8 bytes an image
+        self.starts = torch.tensor([0] + [len(z) for z in self.shards]).cumsum(0)  # (S + 1,)
         self.stats, self.hflip = stats, hflip
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def gather(self, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, H, W) of images `idx` under flips `flip` (0 or 1), in the shards' dtype."""
+        shard = torch.searchsorted(self.starts, idx, right=True) - 1  # (B,)
+        first = self.shards[0]
+        out = torch.empty((len(idx), *first.shape[2:]), dtype=first.dtype)
+        for s in shard.unique().tolist():
+            rows = (shard == s).nonzero().squeeze(1)
+            out[rows] = self.shards[s][idx[rows] - self.starts[s], flip[rows]]
+        return out
+
     def get(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         flip = torch.randint(0, 2, (len(idx),), generator=generator) if self.hflip else \
             torch.zeros(len(idx), dtype=torch.long)
-        z = self.latents[idx, flip].float()  # (B, C, H, W)
+        z = self.gather(idx, flip).float()  # (B, C, H, W)
         return self.stats.normalize(z), self.labels[idx]
 
 
 class OnlineSource:
-    """Encodes training images on the fly (the ImageNet-scale option: no latent cache)."""
+    """Encodes training images on the fly (the ImageNet-scale option: no latent cache).
+    `read` (decoding) can run in DataLoader workers, `finish` (flips, encoding) cannot."""
 
     def __init__(self, dataset, encoder, stats, device, hflip: bool = True):
         self.dataset, self.encoder, self.stats, self.device = dataset, encoder, stats, device
@@ -88,10 +105,17 @@ class OnlineSource:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def get(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         items = [self.dataset[int(i)] for i in idx]
-        images = torch.stack([im for im, _ in items]).to(self.device)
-        flip = (torch.rand(len(idx), generator=generator) < 0.5) & self.hflip
+        return torch.stack([im for im, _ in items]), torch.tensor([lab for _, lab in items])
+
+    def finish(self, images: torch.Tensor, labels: torch.Tensor,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device)
+        flip = (torch.rand(len(images), generator=generator) < 0.5) & self.hflip
         images[flip.to(self.device)] = images[flip.to(self.device)].flip(-1)
         z = self.encoder.encode(images)
-        return self.stats.normalize(z), torch.tensor([lab for _, lab in items])
+        return self.stats.normalize(z), labels
+
+    def get(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.finish(*self.read(idx), generator)

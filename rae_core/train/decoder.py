@@ -17,6 +17,7 @@ import torch
 from rae_core.autoencoder import build_decoder_for, load_encoder
 from rae_core.config import Config, from_dict
 from rae_core.data.folder import ImageSource
+from rae_core.data.loader import step_loader
 from rae_core.paths import Paths
 from rae_core.plots import LossCurve, write_empty
 from rae_core.store import atomic_save, write_json
@@ -30,7 +31,7 @@ from rae_core.train.common import (
     set_lr,
     warmup_cosine,
 )
-from rae_core.train.sampler import batch_indices, rank_slice, step_seed
+from rae_core.train.sampler import step_seed
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,9 @@ def evaluate_reconstruction(encoder, decoder, images: torch.Tensor, batch: int =
 
 def validation_images(cfg: Config, paths: Paths, count: int = 512) -> torch.Tensor:
     """Up to `count` validation images spread evenly over the (class-sorted) split."""
-    val = ImageSource(paths.dataset(cfg.data.root), "val", cfg.data.resolution)
-    pick = torch.linspace(0, len(val) - 1, min(count, len(val))).long()
-    return val.images[pick] if val.images is not None else \
-        torch.stack([val.dataset[int(i)][0] for i in pick])
+    val = ImageSource(paths.dataset(cfg.data.root), "val", cfg.data.resolution,
+                      cfg.data.max_in_memory)
+    return val.read(torch.linspace(0, len(val) - 1, min(count, len(val))).long())[0]
 
 
 def save_decoder(cfg: Config, paths: Paths, encoder, decoder, summary: dict) -> None:
@@ -87,7 +87,9 @@ def train_loop(config: dict) -> dict:
     rank, world, device = worker_setup(cfg)
     d, g = cfg.decoder, cfg.decoder.gan
     torch.manual_seed(cfg.seed)
-    source = ImageSource(paths.dataset(cfg.data.root), "train", cfg.data.resolution)
+    source = step_loader(ImageSource(paths.dataset(cfg.data.root), "train", cfg.data.resolution,
+                                     cfg.data.max_in_memory), cfg, device, d.batch_size, d.steps,
+                         rank, world)
     val_images = validation_images(cfg, paths)
     encoder = load_encoder(cfg, paths, device)
     decoder = build_decoder_for(cfg, paths, encoder).to(device)
@@ -111,8 +113,7 @@ def train_loop(config: dict) -> dict:
     for step in guard.steps(start, d.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
-        idx = rank_slice(batch_indices(len(source), d.batch_size, cfg.seed, step), rank, world)
-        x, _ = source.get(idx, gen)
+        x, _ = source.get(step, gen)
         x = x.to(device)
         with torch.no_grad():
             z = encoder.encode(x)

@@ -18,6 +18,7 @@ import torch
 from rae_core.autoencoder import load_decoder, load_encoder, load_stats, stats_identity
 from rae_core.config import Config, from_dict
 from rae_core.data.latents import OnlineSource, ShardSource
+from rae_core.data.loader import step_loader
 from rae_core.paths import Paths
 from rae_core.plots import LossCurve
 from rae_core.store import atomic_save
@@ -30,7 +31,7 @@ from rae_core.train.common import (
     set_lr,
     warmup_constant_linear,
 )
-from rae_core.train.sampler import batch_indices, rank_slice, step_seed
+from rae_core.train.sampler import step_seed
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def train_loop(config: dict) -> dict:
     torch.manual_seed(cfg.seed)
     encoder = load_encoder(cfg, paths, device)
     stats = load_stats(cfg, paths, encoder)
-    source = make_source(cfg, paths, encoder, stats, device)
+    source = step_loader(make_source(cfg, paths, encoder, stats, device), cfg, device,
+                         d.batch_size, d.steps, rank, world)
     latent_shape = tuple(encoder.latent_shape)
     model = build_generator(cfg, latent_shape, token_space(cfg, paths, encoder)).to(device)
     meta = checkpoint_meta(model)
@@ -114,8 +116,7 @@ def train_loop(config: dict) -> dict:
     for step in guard.steps(start, d.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
-        idx = rank_slice(batch_indices(len(source), d.batch_size, cfg.seed, step), rank, world)
-        x, y = source.get(idx, gen)
+        x, y = source.get(step, gen)
         x, y = x.to(device), y.to(device)
         noise = torch.randn(x.shape, generator=gen).to(device)
         t = loss_fn.sample_time(len(x), generator=gen).to(device)

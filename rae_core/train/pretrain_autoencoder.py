@@ -24,6 +24,7 @@ import torch
 
 from rae_core.config import Config, from_dict
 from rae_core.data.folder import ImageSource
+from rae_core.data.loader import step_loader
 from rae_core.paths import Paths
 from rae_core.plots import LossCurve, write_empty
 from rae_core.store import write_json
@@ -36,7 +37,7 @@ from rae_core.train.common import (
     set_lr,
     warmup_cosine,
 )
-from rae_core.train.sampler import batch_indices, rank_slice, step_seed
+from rae_core.train.sampler import step_seed
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ def train_loop(config: dict) -> dict:
     p, d, g = cfg.encoder.pretrain, cfg.decoder, cfg.decoder.gan
     torch.manual_seed(cfg.seed)
     root = paths.dataset(cfg.data.root)
-    source = ImageSource(root, "train", cfg.data.resolution)
+    source = step_loader(ImageSource(root, "train", cfg.data.resolution, cfg.data.max_in_memory),
+                         cfg, device, p.batch_size, p.steps, rank, world)
     val_images = validation_images(cfg, paths)
     recipe = VQRecipe(cfg) if cfg.autoencoder.kind == "hybrid-vq" else KLRecipe(cfg)
     model = recipe.model.to(device).train()
@@ -146,8 +148,7 @@ def train_loop(config: dict) -> dict:
     for step in guard.steps(start, p.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))  # also draws the posterior sample
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
-        idx = rank_slice(batch_indices(len(source), p.batch_size, cfg.seed, step), rank, world)
-        x, _ = source.get(idx, gen)
+        x, _ = source.get(step, gen)
         x = x.to(device)
         rec, reg, reg_metrics = recipe.reconstruct(x)
         l1 = (rec - x).abs().mean()

@@ -10,6 +10,7 @@ import torch
 
 from rae_core.config import Config, from_dict
 from rae_core.data.folder import ImageSource
+from rae_core.data.loader import step_loader
 from rae_core.paths import Paths
 from rae_core.plots import LossCurve, write_empty
 from rae_core.store import atomic_save
@@ -22,7 +23,7 @@ from rae_core.train.common import (
     set_lr,
     warmup_cosine,
 )
-from rae_core.train.sampler import batch_indices, rank_slice, step_seed
+from rae_core.train.sampler import step_seed
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,9 @@ def train_loop(config: dict) -> dict:
     rank, world, device = worker_setup(cfg)
     p = cfg.encoder.pretrain
     torch.manual_seed(cfg.seed)
-    source = ImageSource(paths.dataset(cfg.data.root), "train", cfg.data.resolution)
+    source = step_loader(ImageSource(paths.dataset(cfg.data.root), "train", cfg.data.resolution,
+                                     cfg.data.max_in_memory), cfg, device, p.batch_size, p.steps,
+                         rank, world)
     mae = build_encoder(cfg.encoder.name, cfg.data.resolution, random_init=True).to(device)
     mae.train().requires_grad_(True)
     opt = torch.optim.AdamW(mae.parameters(), lr=p.lr, betas=(0.9, 0.95),
@@ -53,8 +56,7 @@ def train_loop(config: dict) -> dict:
     for step in guard.steps(start, p.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
-        idx = rank_slice(batch_indices(len(source), p.batch_size, cfg.seed, step), rank, world)
-        x, _ = source.get(idx, gen)
+        x, _ = source.get(step, gen)
         loss = mae.mae_loss(x.to(device), mask_ratio=p.mask_ratio)
         opt.zero_grad(set_to_none=True)
         loss.backward()
