@@ -174,3 +174,23 @@ def test_shard_source_reads_through_the_memory_map(tmp_path):
     flip = torch.randint(0, 2, (len(idx),), generator=torch.Generator().manual_seed(0))
     full = torch.cat([torch.load(tmp_path / n, weights_only=True)["latents"] for n in names])
     assert torch.equal(x, full[idx, flip]) and y.tolist() == (idx // per).tolist()
+
+
+def test_a_training_loop_learns_the_same_weights_with_workers(tmp_path, digits_root, one_thread):
+    from rae_core.paths import Paths
+    from rae_core.presets import load_config
+    from rae_core.train import pretrain_encoder
+
+    weights = []
+    for name, extra in (("inline", []), ("workers", ["data.loader.workers=2",
+                                                     "data.max_in_memory=0"])):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "dataset").symlink_to(digits_root, target_is_directory=True)
+        cfg = load_config(None, "smoke", ["data.root=dataset", "encoder.pretrain.steps=6",
+                                          *extra])
+        pretrain_encoder.train_loop({"cfg": cfg.to_dict(), "root": str(root),
+                                     "run_dir": str(root / "ckpt"), "fingerprint": "test"})
+        weights.append(torch.load(Paths.at(root).encoder_dir / "encoder.pt", weights_only=True))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rae_core.data.loader import StepLoader
 from rae_core.encoders import TinyMAE
 from rae_core.errors import RaeError
 from rae_core.paths import Paths
@@ -29,12 +30,12 @@ class Recorder:
 
     def __init__(self, monkeypatch, loop_module):
         self.step, self.visits, self.weights, self.lrs = None, [], [], []
-        draw, set_lr, finite = loop_module.batch_indices, loop_module.set_lr, NonFiniteGuard.finite
+        draw, set_lr, finite = StepLoader.get, loop_module.set_lr, NonFiniteGuard.finite
 
-        def batch_indices(n, batch, seed, step):
+        def get(loader, step, generator):
             self.step = step
             self.visits.append(step)
-            return draw(n, batch, seed, step)
+            return draw(loader, step, generator)
 
         def record_lr(opt, lr):
             self.lrs.append((self.step, lr))
@@ -46,7 +47,7 @@ class Recorder:
                 for name, obj in guard.states.items() if isinstance(obj, torch.nn.Module)}))
             return finite(guard, *values)
 
-        monkeypatch.setattr(loop_module, "batch_indices", batch_indices)
+        monkeypatch.setattr(StepLoader, "get", get)
         monkeypatch.setattr(loop_module, "set_lr", record_lr)
         monkeypatch.setattr(NonFiniteGuard, "finite", looked_at)
 
