@@ -61,15 +61,15 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
 class Block(nn.Module):
     """Pre-norm ViT block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+    def __init__(self, dim: int, heads: int, mlp_dim: int, ln_eps: float = 1e-6) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.heads = heads
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -113,7 +113,8 @@ class ViTDecoder(nn.Module):
                  pixel_mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
                  pixel_std: tuple[float, float, float] = (1.0, 1.0, 1.0),
                  noise_tau: float = 0.0, noise_law: NoiseLaw = "paper",
-                 refine_channels: int = 0, refine_kernel: int = 3) -> None:
+                 refine_channels: int = 0, refine_kernel: int = 3,
+                 ln_eps: float = 1e-6) -> None:
         super().__init__()
         if noise_law not in ("paper", "reference"):
             raise ConfigError(f"decoder.noise_law = {noise_law!r}; valid: 'paper', 'reference'")
@@ -128,8 +129,9 @@ class ViTDecoder(nn.Module):
         # CLS gets a zero position; the table is fixed, so it is a buffer rebuilt at construction.
         pos = torch.cat([torch.zeros(1, width), sincos_pos_embed_2d(width, grid_size)])
         self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)  # (1, 1+N, D)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_dim) for _ in range(depth))
-        self.norm = nn.LayerNorm(width, eps=1e-6)
+        # ln_eps: the released reference decoders were trained with HF ViT-MAE's 1e-12
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_dim, ln_eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=ln_eps)
         self.head = nn.Linear(width, patch_size * patch_size * 3)
         self.refine = Refine(refine_channels, refine_kernel) if refine_channels else None
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1),

@@ -5,11 +5,16 @@ token, is one transformer token), embedded by a Linear p*p*C -> D. Fixed 2D sin-
 embedding plus 2D RoPE in every attention, both over the H/p x W/p token grid; RMSNorm, SwiGLU,
 adaLN-Zero conditioned on c = t_emb + y_emb (the SiLU sits in front of each adaLN linear, so
 every block sees SiLU(t_emb + y_emb)). Predicts the flow-matching velocity.
+
+`double_silu` reproduces the released reference models, whose condition is SiLU(t_emb + y_emb)
+before an adaLN that applies SiLU again: the blocks see SiLU(SiLU(t_emb + y_emb)). Off by
+default; on only for loading their checkpoints (rae_core.released).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rae_core.models.blocks import (
@@ -29,14 +34,16 @@ class DiTBody(nn.Module):
     """Embeddings and transformer blocks of a DiT, without its output layer.
 
     Takes patchified tokens (B, N, p*p*C). Returns the output tokens (B, N, D), the time
-    embedding (B, D) and the condition c = t_emb + y_emb (B, 1, D); DiT-DH builds its per-token
-    condition from the first two.
+    embedding (B, D) and the condition c = t_emb + y_emb (B, 1, D), SiLU(t_emb + y_emb) with
+    `double_silu`; DiT-DH builds its per-token condition from the first two.
     """
 
     def __init__(self, in_channels: int, grid_size: int, num_classes: int, hidden: int,
                  depth: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
-                 label_dropout: float = 0.1, label_std: float = 0.02, patch: int = 1):
+                 label_dropout: float = 0.1, label_std: float = 0.02, patch: int = 1,
+                 double_silu: bool = False):
         super().__init__()
+        self.double_silu = double_silu
         tokens_per_side = grid_size // patch
         self.x_embed = xavier_linear(nn.Linear(patch * patch * in_channels, hidden))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, tokens_per_side),
@@ -52,6 +59,8 @@ class DiTBody(nn.Module):
         x = self.x_embed(tokens) + self.pos_embed  # (B, N, D)
         t_emb = self.t_embed(t)  # (B, D)
         c = (t_emb + self.y_embed(y, force_drop_ids))[:, None]  # (B, 1, D)
+        if self.double_silu:  # every adaLN applies SiLU once more
+            c = F.silu(c)
         for block in self.blocks:
             x = block(x, c, self.rope)
         return x, t_emb, c
@@ -60,12 +69,13 @@ class DiTBody(nn.Module):
 class DiT(nn.Module):
     def __init__(self, in_channels: int, grid_size: int, num_classes: int, hidden: int,
                  depth: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
-                 label_dropout: float = 0.1, label_std: float = 0.02, patch: int = 1):
+                 label_dropout: float = 0.1, label_std: float = 0.02, patch: int = 1,
+                 double_silu: bool = False):
         super().__init__()
         self.in_channels, self.grid_size, self.num_classes = in_channels, grid_size, num_classes
         self.patch = patch
         self.body = DiTBody(in_channels, grid_size, num_classes, hidden, depth, heads, mlp_ratio,
-                            qk_norm, label_dropout, label_std, patch)
+                            qk_norm, label_dropout, label_std, patch, double_silu)
         self.final = FinalLayer(hidden, patch * patch * in_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,

@@ -5,6 +5,7 @@ head its own condition z = Linear(SiLU(t_emb + s)). The head re-embeds x_t with 
 embedding (2D RoPE, no absolute position embedding) and runs a few wide blocks whose adaLN is
 driven per token by z, then RMSNorm + per-token shift/scale + Linear to the patch's values.
 The head's width, not the body's, is what must reach the values of a token (p*p*C).
+`double_silu` is the body's option (see dit.py); the head's condition is the same either way.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ class DiTDH(nn.Module):
     def __init__(self, in_channels: int, grid_size: int, num_classes: int, hidden: int,
                  depth: int, heads: int, head_hidden: int, head_depth: int, head_heads: int,
                  mlp_ratio: float = 4.0, qk_norm: bool = False, label_dropout: float = 0.1,
-                 label_std: float = 0.02, patch: int = 1):
+                 label_std: float = 0.02, patch: int = 1, double_silu: bool = False):
         super().__init__()
         self.in_channels, self.grid_size, self.num_classes = in_channels, grid_size, num_classes
         self.patch = patch
         self.body = DiTBody(in_channels, grid_size, num_classes, hidden, depth, heads, mlp_ratio,
-                            qk_norm, label_dropout, label_std, patch)
+                            qk_norm, label_dropout, label_std, patch, double_silu)
         # as the reference: no projection when body and head are equally wide
         self.s_proj = xavier_linear(nn.Linear(hidden, head_hidden)) if hidden != head_hidden \
             else nn.Identity()

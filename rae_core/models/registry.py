@@ -48,6 +48,7 @@ class ModelConfig:
     qk_norm: bool = False  # the reference's released configs leave it off
     label_std: float = 0.02  # class-table init; see LabelEmbedder
     patch: int = 1  # a token is a patch x patch square of the latent
+    double_silu: bool = False  # the released reference models' condition (see models/dit.py)
 
     @property
     def width(self) -> int:
@@ -125,8 +126,8 @@ def _label(name: str | ModelConfig, overrides: dict) -> str:
 def _validate(label: str, cfg: ModelConfig) -> None:
     if cfg.patch < 1:
         raise ModelConfigError(f"{label}: patch must be positive, got {cfg.patch}")
-    if cfg.family == "dit_ddpm" and cfg.qk_norm:
-        raise ModelConfigError(f"{label}: the original DiT has no qk_norm")
+    if cfg.family == "dit_ddpm" and (cfg.qk_norm or cfg.double_silu):
+        raise ModelConfigError(f"{label}: the original DiT has no qk_norm and no double_silu")
     parts = [("", cfg.hidden, cfg.depth, cfg.heads)]
     if cfg.family == "ditdh":
         parts.append(("head_", cfg.head_hidden, cfg.head_depth, cfg.head_heads))
@@ -191,9 +192,10 @@ def build_model(name: str | ModelConfig, in_channels: int, grid_size: int, num_c
     if cfg.family == "dit_ddpm":
         return DiTDDPM(**common, learn_sigma=learn_sigma)
     if cfg.family == "dit":
-        return DiT(**common, qk_norm=cfg.qk_norm)
+        return DiT(**common, qk_norm=cfg.qk_norm, double_silu=cfg.double_silu)
     return DiTDH(**common, qk_norm=cfg.qk_norm, head_hidden=cfg.head_hidden,
-                 head_depth=cfg.head_depth, head_heads=cfg.head_heads)
+                 head_depth=cfg.head_depth, head_heads=cfg.head_heads,
+                 double_silu=cfg.double_silu)
 
 
 def count_params(name: str | ModelConfig, in_channels: int = 768, grid_size: int = 16,
