@@ -147,6 +147,7 @@ class RefineConfig(_Schema):
 class DecoderConfig(_Schema):
     model: str = "ViT-tiny"
     patch_size: int = Field(8, ge=1)
+    weights: str | None = None  # a released reference decoder (rae_core.released) instead of training one
     refine: RefineConfig = Field(default_factory=RefineConfig)
     noise_tau: Float = Field(0.8, ge=0.0)
     noise_law: Literal["paper", "reference"] = "paper"
@@ -181,6 +182,7 @@ class GeneratorConfig(_Schema):
 
     kind: Literal["flow", "ddpm", "hart"] = "flow"
     model: str = "DiTDH-tiny"
+    weights: str | None = None  # a released reference DiT-DH (rae_core.released) instead of ema.pt
     hidden: int | None = Field(None, ge=1)  # overrides of the registered config (ablations)
     depth: int | None = Field(None, ge=1)
     heads: int | None = Field(None, ge=1)
@@ -250,6 +252,9 @@ class SampleConfig(_Schema):
 class EvaluateConfig(_Schema):
     extractor: Literal["domain", "inception"] = "domain"
     inception_weights: str | None = None  # local inception-2015-12-05.pt for extractor = inception
+    # an ADM reference batch (.npz: arr_0 images and/or mu, sigma) instead of the training split:
+    # the paper's protocol (rae_core.metrics.adm); needs extractor = inception
+    reference: str | None = None
     classifier_epochs: int = Field(15, ge=1)
     pr_k: int = Field(3, ge=1)
     curve_per_class: int = Field(10, ge=0)  # samples per class for FID at each checkpoint; 0 = off
@@ -331,6 +336,9 @@ class Config(_Schema):
         if self.data.dataset == "folder" and not self.data.source:
             raise ValueError("data.source: null is not valid with data.dataset=folder; "
                              "give the path of an image folder with train/ and val/ sub-folders")
+        if self.evaluate.reference and self.evaluate.extractor != "inception":
+            raise ValueError(f"evaluate.reference: an ADM batch holds Inception statistics; set "
+                             f"evaluate.extractor=inception (got {self.evaluate.extractor!r})")
         g, s = self.generator, self.sample
         if g.batch_size % (g.grad_accum * self.ray.num_workers):
             raise ValueError(f"generator.batch_size: {g.batch_size} is not divisible by "
