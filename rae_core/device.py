@@ -37,5 +37,6 @@ def of(cfg) -> torch.device:
 @contextlib.contextmanager
 def autocast(device: torch.device, bf16: bool) -> Iterator[None]:
     """bf16 autocast on a GPU when asked; on the CPU nothing changes (fp32, as before)."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+    on = device.type if device.type == "cuda" else "cpu"  # meta (device tests) has no autocast
+    with torch.autocast(on, dtype=torch.bfloat16, enabled=bf16 and on == "cuda"):
         yield

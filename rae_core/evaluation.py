@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rae_core import device as devices
 from rae_core.config import Config
 from rae_core.data.folder import ImageFolderDataset, load_split
 from rae_core.generate import load_samples
@@ -75,12 +76,15 @@ def domain_classifier(cfg: Config, paths: Paths):
     return load_classifier(path)
 
 
-def build_extractor(cfg: Config, paths: Paths):
-    """(feature extractor, domain classifier or None) of the configured extractor."""
+def build_extractor(cfg: Config, paths: Paths, device: torch.device | str = "cpu"):
+    """(feature extractor, domain classifier or None) of the configured extractor, computing
+    on `device` in batches of evaluate.batch_size. The domain classifier is trained on the CPU,
+    so its feature space (and name) is the same whichever device evaluates."""
     if cfg.evaluate.extractor == "inception":
-        return InceptionExtractor(cfg.evaluate.inception_weights), None
-    clf = domain_classifier(cfg, paths)
-    return DomainExtractor(clf), clf
+        return InceptionExtractor(cfg.evaluate.inception_weights, device,
+                                  cfg.evaluate.batch_size), None
+    extractor = DomainExtractor(domain_classifier(cfg, paths), cfg.evaluate.batch_size, device)
+    return extractor, extractor.classifier
 
 
 @dataclass(frozen=True)
@@ -141,20 +145,27 @@ def reference(cfg: Config, paths: Paths, extractor) -> Reference:
 def reconstructor(cfg: Config, paths: Paths, batch: int, discrete: bool = False,
                   ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Images -> their reconstructions through the frozen encoder and trained decoder; with
-    `discrete`, a hybrid-vq tokenizer's from its discrete tokens alone."""
+    `discrete`, a hybrid-vq tokenizer's from its discrete tokens alone. Computed on this
+    process's device `batch` images at a time (bf16 autocast with evaluate.precision), returned
+    in fp32 on the CPU, where PSNR and the seam energies reduce them in float64."""
     from rae_core.autoencoder import load_decoder, load_encoder
 
-    encoder = load_encoder(cfg, paths)
-    decoder = load_decoder(cfg, paths, encoder)
+    here = devices.of(cfg)
+    encoder = load_encoder(cfg, paths, here)
+    decoder = load_decoder(cfg, paths, encoder, here)
 
     def latent(images: torch.Tensor) -> torch.Tensor:
         z = encoder.encode(images)
         return decoder.discrete(z) if discrete else z
 
     @torch.no_grad()
+    def one(images: torch.Tensor) -> torch.Tensor:
+        with devices.autocast(here, cfg.evaluate.precision == "bf16"):
+            out = decoder(latent(images.to(here)))
+        return out.float().clamp(0, 1).cpu()
+
     def reconstruct(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([decoder(latent(images[i: i + batch])).clamp(0, 1)
-                          for i in range(0, len(images), batch)])
+        return torch.cat([one(images[i: i + batch]) for i in range(0, len(images), batch)])
 
     return reconstruct
 
@@ -238,7 +249,8 @@ def reconstruction_metrics(root: str | Path, resolution: int, extractor,
 
 @torch.no_grad()
 def fid_curve(cfg: Config, paths: Paths, extractor, ref: FeatureStats) -> list[dict]:
-    """FID of a small balanced sample from every saved EMA checkpoint of this configuration."""
+    """FID of a small balanced sample from every saved EMA checkpoint of this configuration,
+    sampled and decoded on this process's device (bf16 autocast with evaluate.precision)."""
     from rae_core.autoencoder import load_decoder, load_encoder, load_stats
     from rae_core.generator import load_generator, sample_latents
     from rae_core.sampling import balanced_labels
@@ -246,23 +258,27 @@ def fid_curve(cfg: Config, paths: Paths, extractor, ref: FeatureStats) -> list[d
 
     if cfg.evaluate.curve_per_class == 0:
         return []
-    encoder = load_encoder(cfg, paths)
-    stats, decoder = load_stats(cfg, paths, encoder), load_decoder(cfg, paths, encoder)
+    here = devices.of(cfg)
+    encoder = load_encoder(cfg, paths, here)
+    stats, decoder = load_stats(cfg, paths, encoder), load_decoder(cfg, paths, encoder, here)
     shape, s = tuple(encoder.latent_shape), cfg.sample
     y = balanced_labels(cfg.evaluate.curve_per_class, cfg.data.num_classes)
     noise = torch.randn((len(y), *shape), generator=torch.Generator().manual_seed(s.seed))
     curve = []
     for ckpt in tqdm(sorted(checkpoint_dir(cfg, paths).glob("ema-step*.pt")),
                      desc="FID per checkpoint", unit="ckpt", disable=None, leave=False):
-        model = load_generator(ckpt, shape, cfg.data.num_classes)
+        model = load_generator(ckpt, shape, cfg.data.num_classes).to(here)
         g = torch.Generator().manual_seed(s.seed + 1)  # DDPM: the same draws for every step
         acc = StatsAccumulator(extractor.name)
         # Decoded and scored per batch: with 1000 classes the whole curve sample is GBs.
         for i in range(0, len(y), s.batch_size):
             sl = slice(i, i + s.batch_size)
-            z = sample_latents(cfg, model, y[sl], shape, noise[sl],
-                               guidance="cfg" if s.guidance == "cfg" else "none", generator=g)
-            acc.update(extractor(decoder(stats.denormalize(z)).clamp(0, 1)))
+            with devices.autocast(here, cfg.evaluate.precision == "bf16"):
+                z = sample_latents(cfg, model, y[sl].to(here), shape, noise[sl].to(here),
+                                   guidance="cfg" if s.guidance == "cfg" else "none",
+                                   generator=g)
+                images = decoder(stats.denormalize(z))
+            acc.update(extractor(images.float().clamp(0, 1)))
         step = int(ckpt.stem.removeprefix("ema-step"))
         curve.append({"step": step, "fid": frechet_distance(ref, acc.stats())})
     return curve
@@ -286,7 +302,8 @@ def plot_curve(curve: list[dict], extractor_name: str, path) -> None:
 
 
 def run(cfg: Config, paths: Paths) -> dict:
-    extractor, clf = build_extractor(cfg, paths)
+    """The stage in this process, on its device (stages.evaluate runs it on a Ray worker)."""
+    extractor, clf = build_extractor(cfg, paths, devices.of(cfg))
     ref = reference(cfg, paths, extractor)
     # The samples stay one uint8 array (50k at 256 px: 9.8 GB); only chunks become float.
     images, labels = load_samples(paths.samples_dir / "samples.npz")

@@ -27,36 +27,43 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def draw_images(cfg: Config, index: int, labels: list[int], model, decoder, stats,
                 shape: tuple[int, ...], weak=None) -> np.ndarray:
-    """Shard `index` of the samples: uint8 images (n, H, W, 3) of `labels`. The shard's noise
-    comes from (sample.seed, index) whatever the batch size, so re-batching gives the same
-    images, and a registered model reproduces the stage's draws."""
+    """Shard `index` of the samples: uint8 images (n, H, W, 3) of `labels`, computed on the
+    model's device (bf16 autocast there with sample.precision). The shard's noise comes from
+    (sample.seed, index) on the CPU whatever the batch size and device, so re-batching gives
+    the same images, and a registered model reproduces the stage's draws."""
+    from rae_core import device as devices
     from rae_core.generator import sample_latents
     from rae_core.images import to_uint8
 
     s = cfg.sample
+    here = next(model.parameters()).device
     g = torch.Generator().manual_seed(s.seed * 1_000_003 + index)
     y = torch.tensor(labels, dtype=torch.long)
     noise = torch.randn((len(y), *shape), generator=g)
     images = []
     for i in range(0, len(y), s.batch_size):
         sl = slice(i, i + s.batch_size)
-        z = sample_latents(cfg, model, y[sl], shape, noise[sl], weak_model=weak, generator=g)
-        images.append(to_uint8(decoder(stats.denormalize(z))))
+        with devices.autocast(here, s.precision == "bf16"):
+            z = sample_latents(cfg, model, y[sl].to(here), shape, noise[sl].to(here),
+                               weak_model=weak, generator=g)
+            x = decoder(stats.denormalize(z))
+        images.append(to_uint8(x))  # (b, H, W, 3) on the CPU
     return np.concatenate(images)
 
 
 def _shard(cfg_dict: dict, root: str, index: int, labels: list[int], path: str) -> str:
+    from rae_core import device as devices
     from rae_core.autoencoder import load_decoder, load_encoder, load_stats
     from rae_core.generator import load_generator
 
     cfg, paths = from_dict(cfg_dict), Paths.at(root)
-    s = cfg.sample
-    encoder = load_encoder(cfg, paths)
+    s, here = cfg.sample, devices.of(cfg)
+    encoder = load_encoder(cfg, paths)  # its latent shape and weights' identity: no compute
     stats = load_stats(cfg, paths, encoder)
-    decoder = load_decoder(cfg, paths, encoder)
+    decoder = load_decoder(cfg, paths, encoder, here)
     shape = tuple(encoder.latent_shape)
-    model = load_generator(paths.generator_dir / "ema.pt", shape, cfg.data.num_classes)
-    weak = load_generator(paths.dataset(s.weak_model), shape, cfg.data.num_classes) \
+    model = load_generator(paths.generator_dir / "ema.pt", shape, cfg.data.num_classes).to(here)
+    weak = load_generator(paths.dataset(s.weak_model), shape, cfg.data.num_classes).to(here) \
         if s.guidance == "autoguidance" else None
     t0 = time.perf_counter()
     arr = draw_images(cfg, index, labels, model, decoder, stats, shape, weak)

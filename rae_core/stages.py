@@ -59,41 +59,61 @@ def pretrain_encoder(cfg: Config, paths: Paths) -> dict:
     return stage.run(cfg, paths)
 
 
-def _encode_range(cfg_dict: dict, root: str, start: int, end: int, both_flips: bool,
-                  residual: bool = False):
-    """Raw latents of training images [start, end): (n, 2, C, H, W) or (n, C, H, W), labels;
-    with `residual`, what a hybrid-vq tokenizer's discrete scales miss of them instead."""
+def _encoded_batches(cfg: Config, paths: Paths, start: int, end: int, both_flips: bool,
+                     residual: bool, batch_size: int):
+    """Raw latents of training images [start, end), `batch_size` at a time, on the device this
+    process computes on (bf16 autocast there with extract.precision: stats and extract encode
+    alike, so the statistics describe the latents the generator trains on): (n, 2, C, H, W) or
+    (n, C, H, W), and labels (n,) on the CPU; with `residual`, what a hybrid-vq tokenizer's
+    discrete scales miss of them instead."""
+    from rae_core import device
     from rae_core.autoencoder import load_encoder
-    from rae_core.config import from_dict
     from rae_core.data.folder import ImageFolderDataset
     from rae_core.data.loader import range_batches
 
-    cfg, paths = from_dict(cfg_dict), Paths.at(root)
-    encoder = load_encoder(cfg, paths)
+    here = device.of(cfg)
+    encoder = load_encoder(cfg, paths, here)
     ds = ImageFolderDataset(paths.dataset(cfg.data.root), "train", cfg.data.resolution)
-    bs = cfg.extract.batch_size
+    for x, y in range_batches(ds, start, end, batch_size, cfg):
+        x = x.to(here, non_blocking=True)
+        with device.autocast(here, cfg.extract.precision == "bf16"):
+            zs = [encoder.encode(v) for v in ((x, x.flip(-1)) if both_flips else (x,))]
+            if residual:
+                zs = [encoder.quantizer.residual(z) for z in zs]
+        yield (torch.stack(zs, 1) if both_flips else zs[0]), y
+
+
+def _encode_range(cfg_dict: dict, root: str, start: int, end: int, both_flips: bool,
+                  residual: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """All latents of training images [start, end) and their labels, on the CPU."""
+    from rae_core.config import from_dict
+
+    cfg = from_dict(cfg_dict)
     zs, ys = [], []
-    for x, y in range_batches(ds, start, end, bs, cfg):
-        z = encoder.encode(x)
-        if residual:
-            z = encoder.quantizer.residual(z)
-        zs.append(torch.stack([z, encoder.encode(x.flip(-1))], 1) if both_flips else z)
+    for z, y in _encoded_batches(cfg, Paths.at(root), start, end, both_flips, residual,
+                                 cfg.extract.batch_size):
+        zs.append(z.cpu())
         ys.append(y)
     return torch.cat(zs), torch.cat(ys)
 
 
 def _stats_shard(cfg_dict: dict, root: str, start: int, end: int) -> dict:
+    """LatentStats of training images [start, end), reduced batch by batch on the device (the
+    latents of a shard are never all held at once)."""
     from rae_core.config import from_dict
     from rae_core.encoders import LatentStats
 
     cfg = from_dict(cfg_dict)
     hflip = cfg.data.hflip
+    st = None
     # hybrid-vq: the generator reads f as it is; HART's head learns the residual, whose scale
     # is what the statistics are for
-    z, _ = _encode_range(cfg_dict, root, start, end, both_flips=hflip,
-                         residual=cfg.autoencoder.kind == "hybrid-vq")
-    st = LatentStats(tuple(z.shape[-3:]))
-    st.update(z.flatten(0, 1) if hflip else z)
+    for z, _ in _encoded_batches(cfg, Paths.at(root), start, end, both_flips=hflip,
+                                 residual=cfg.autoencoder.kind == "hybrid-vq",
+                                 batch_size=cfg.stats.batch_size):
+        z = z.flatten(0, 1) if hflip else z  # (n, C, H, W)
+        st = st or LatentStats(tuple(z.shape[1:]))
+        st.update(z)
     return st.state_dict()
 
 
@@ -160,6 +180,8 @@ def extract(cfg: Config, paths: Paths) -> dict:
     size = cfg.extract.shard_size
     ranges = [(a, min(a + size, n)) for a in range(0, n, size)]
     key = {"identity": identity, "shard_size": size, "dtype": cfg.extract.dtype, "count": n}
+    if cfg.extract.precision == "bf16" and cfg.ray.use_gpu:  # other latents than fp32's
+        key["precision"] = "bf16"
     marker = out / "shards.key.json"
     import json
 
@@ -195,10 +217,20 @@ def sample(cfg: Config, paths: Paths) -> dict:
     return generate.run(cfg, paths)
 
 
-def evaluate(cfg: Config, paths: Paths) -> dict:
+def _evaluate(cfg_dict: dict, root: str) -> dict:
     from rae_core import evaluation
+    from rae_core.config import from_dict
 
-    return evaluation.run(cfg, paths)
+    return evaluation.run(from_dict(cfg_dict), Paths.at(root))
+
+
+def evaluate(cfg: Config, paths: Paths) -> dict:
+    """On a Ray worker of the run, as the other stages compute (its GPU when ray.use_gpu), not
+    in the driver."""
+    from rae_core.train.runner import run_on_worker
+
+    return run_on_worker(_evaluate, cfg.to_dict(), str(paths.root), cfg=cfg,
+                         log_to=paths.metrics_log("evaluate"))
 
 
 STAGES: dict[str, Callable[[Config, Paths], dict]] = {

@@ -173,7 +173,7 @@ def test_run_matches_the_whole_split_computation(folder, tmp_path, monkeypatch):
     torch.manual_seed(0)
     clf = DomainClassifier(num_classes=3).eval()
     ext = FlatExtractor()
-    monkeypatch.setattr(evaluation, "build_extractor", lambda cfg, paths: (ext, clf))
+    monkeypatch.setattr(evaluation, "build_extractor", lambda cfg, paths, device: (ext, clf))
     monkeypatch.setattr(evaluation, "reconstructor",
                         lambda cfg, paths, batch: lambda x: (x * 0.9).round(decimals=2))
     samples = np.random.default_rng(2).integers(0, 256, (30, RES, RES, 3), dtype=np.uint8)

@@ -82,11 +82,11 @@ class InceptionExtractor:
     name = "inception-2015-12-05:clean"
 
     def __init__(self, weights_path: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None, batch_size: int = 64):
+                 device: str | torch.device = "cpu", batch_size: int = 64):
         path = resolve_inception_weights(weights_path)
         from cleanfid.resize import build_resizer
 
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device)  # the caller's (rae_core.device), never a guess
         self.batch_size = batch_size
         # Loading the TorchScript file directly (not through clean-fid's InceptionV3W, whose
         # constructor downloads when the file is absent) keeps this offline. The network exists
@@ -121,15 +121,17 @@ class InceptionExtractor:
 
 
 class DomainExtractor:
-    """Penultimate features of a domain classifier (see domain.py), named by its weights' hash."""
+    """Penultimate features of a domain classifier (see domain.py), named by its weights' hash,
+    computed on `device` (default: where the classifier is), which it is moved to."""
 
-    def __init__(self, classifier: torch.nn.Module, batch_size: int = 256):
+    def __init__(self, classifier: torch.nn.Module, batch_size: int = 256,
+                 device: str | torch.device | None = None):
         from rae_core.metrics.domain import classifier_id
 
-        self.classifier = classifier.eval()
+        self.name = f"domain:{classifier_id(classifier)}"  # of the weights where they are read
+        self.classifier = classifier.eval().to(device) if device is not None else classifier.eval()
         self.batch_size = batch_size
-        self.name = f"domain:{classifier_id(classifier)}"
-        self._device = next(classifier.parameters()).device
+        self._device = next(self.classifier.parameters()).device
 
     @torch.no_grad()
     def _features(self, images: torch.Tensor) -> torch.Tensor:

@@ -206,8 +206,9 @@ def check_dataset_on_workers(root: Path, setting: str, cfg: Config) -> None:
 
 def map_shards(fn: Callable[..., Any], shard_args: list[tuple], cfg: Config,
                desc: str | None = None) -> list[Any]:
-    """fn(*args) for every shard as Ray tasks, one thread each; results in shard order. A
-    progress bar (`desc`, default: fn's name) counts the shards as they finish."""
+    """fn(*args) for every shard as Ray tasks, one thread each (and a GPU each when
+    ray.use_gpu: fn computes on device.of(cfg)); results in shard order. A progress bar
+    (`desc`, default: fn's name) counts the shards as they finish."""
     import ray
     from tqdm import tqdm
 
@@ -222,6 +223,31 @@ def map_shards(fn: Callable[..., Any], shard_args: list[tuple], cfg: Config,
             done, pending = ray.wait(pending)
             bar.update(len(ray.get(done)))  # get: a failed shard raises now, not at the end
     return ray.get(refs)
+
+
+def run_on_worker(fn: Callable[..., Any], *args: Any, cfg: Config,
+                  log_to: Path | None = None) -> Any:
+    """fn(*args) as one Ray task on a worker of the run, not in the driver: with a GPU when
+    ray.use_gpu (fn computes on device.of(cfg)), else ray.cpus_per_worker CPUs and as many torch
+    threads, as a single-worker training loop gets. With `log_to`, the worker's rae_core logs
+    go to that stage log, which the driver forwards."""
+    import ray
+
+    ensure_ray(cfg)
+    if log_to:
+        log_to.parent.mkdir(parents=True, exist_ok=True)
+    threads = cfg.ray.cpus_per_worker
+
+    def call(given: tuple) -> Any:
+        import torch
+
+        torch.set_num_threads(threads)
+        return fn(*given)
+
+    call.__name__ = getattr(fn, "__name__", "task")
+    task = ray.remote(num_cpus=threads, num_gpus=1 if cfg.ray.use_gpu else 0,
+                      max_retries=2)(logging_to(log_to, call) if log_to else call)
+    return ray.get(task.remote(args))
 
 
 def _single_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
