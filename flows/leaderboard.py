@@ -1,11 +1,16 @@
-"""The FID leaderboard: evaluation runs grouped by what makes their numbers comparable."""
+"""The FID leaderboard: evaluation runs grouped by what makes their numbers comparable.
+
+A run's protocol is its extractor, its reference set (the dataset's training split, or an ADM
+reference batch file: the paper's table is Inception pool_3 against ADM's batch, 50K samples)
+and its sample count; runs of different protocols are never ranked together."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-GROUP_TAGS = ("dataset", "resolution", "extractor", "num_samples")
+GROUP_TAGS = ("dataset", "resolution", "extractor", "reference", "num_samples")
+PROTOCOL_TAGS = ("extractor", "reference", "num_samples")
 ROW_TAGS = ("family", "model", "encoder", "decoder", "steps", "sampler", "sampling_steps", "guidance",
             "scale", "preset")
 METRICS = ("fid", "precision", "recall", "class_accuracy", "inception_score", "rfid",
@@ -32,13 +37,14 @@ def rows(experiment: str) -> list[dict[str, Any]]:
         row.update({k: t.get(f"rae.{k}", "") for k in GROUP_TAGS})
         row.update({k: t.get(f"rae.{k}", "") for k in ROW_TAGS})
         row.update({k: m[k] for k in METRICS if k in m})
+        row["protocol"] = " / ".join(t.get(f"rae.{k}", "?") for k in PROTOCOL_TAGS)
         out.append(row)
     return sorted(out, key=lambda r: (r["group"], r["fid"]))
 
 
 COLUMNS = ("rank", "fid", "precision", "recall", "class_accuracy", "images_per_s", "family",
            "model", "encoder", "steps", "sampler", "sampling_steps", "guidance", "scale",
-           "preset", "run_id")
+           "preset", "protocol", "run_id")
 NUMERIC = {"rank", "fid", "precision", "recall", "class_accuracy", "images_per_s", "steps",
            "sampling_steps", "scale"}
 

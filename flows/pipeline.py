@@ -54,7 +54,7 @@ def _group_tags(cfg: Config) -> dict[str, str]:
     return {"rae.family": family(cfg),
             "rae.dataset": cfg.data.dataset if cfg.data.dataset != "folder" else
             Path(cfg.data.source or cfg.data.root).name,
-            "rae.resolution": str(cfg.data.resolution), "rae.extractor": "",
+            "rae.resolution": str(cfg.data.resolution), "rae.extractor": "", "rae.reference": "",
             "rae.num_samples": str(s.num_per_class * cfg.data.num_classes),
             "rae.model": cfg.generator.model, "rae.encoder": cfg.encoder.name,
             "rae.decoder": decoder_label(cfg), "rae.steps": str(cfg.generator.steps),
@@ -116,6 +116,7 @@ def _after_stage(name: str, cfg: Config, paths: Paths, run_id: str, out: dict) -
     elif name == "evaluate":
         tags = _group_tags(cfg)
         tags["rae.extractor"] = str(out.get("extractor", ""))
+        tags["rae.reference"] = str(out.get("reference", ""))  # the train split or an ADM batch
         tags["rae.kind"] = tracking.EVAL_KIND
         reg = paths.generator_dir / "registered.json"
         if reg.exists():

@@ -11,12 +11,13 @@ from rae_core.presets import load_config
 NAME = "rae-generator-digits-32"
 
 
-def _evaluation(root, version, num_samples, fid, family="rae/flow", extractor="domain"):
+def _evaluation(root, version, num_samples, fid, family="rae/flow", extractor="domain",
+                reference="train split"):
     cfg = load_config(None, "smoke")
     run = tracking.start_run(cfg, root, "evaluate", tags={
         "rae.kind": tracking.EVAL_KIND, "rae.family": family, "rae.dataset": "digits",
-        "rae.resolution": "32", "rae.extractor": extractor, "rae.num_samples": str(num_samples),
-        "rae.generator_version": str(version)})
+        "rae.resolution": "32", "rae.extractor": extractor, "rae.reference": reference,
+        "rae.num_samples": str(num_samples), "rae.generator_version": str(version)})
     tracking.log_numbers(run, {"fid": fid})
     tracking.end_run(run)
     return run
@@ -71,13 +72,16 @@ def test_the_table_ranks_each_group_by_fid_with_its_columns_and_values(local_mlf
     board = rows("rae")
     text = render(board, 10, "table")
     groups = [line for line in text.splitlines() if line.startswith("dataset=")]
-    assert groups == ["dataset=digits / resolution=32 / extractor=domain / num_samples=50",
-                      "dataset=digits / resolution=32 / extractor=domain / num_samples=500"]
+    assert groups == [
+        "dataset=digits / resolution=32 / extractor=domain / reference=train split / "
+        "num_samples=50",
+        "dataset=digits / resolution=32 / extractor=domain / reference=train split / "
+        "num_samples=500"]
     small, large = text.split(groups[1])
     header, *ranked = _table_rows(large)
     assert header == ["rank", "fid", "precision", "recall", "class_accuracy", "images_per_s",
                       "family", "model", "encoder", "steps", "sampler", "sampling_steps",
-                      "guidance", "scale", "preset", "run_id"]
+                      "guidance", "scale", "preset", "protocol", "run_id"]
     cell = {name: i for i, name in enumerate(header)}
     assert [(r[cell["rank"]], r[cell["fid"]], r[cell["family"]]) for r in ranked] == [
         ("1", "2.5", "vae/ddpm"), ("2", "5", "rae/flow"), ("3", "9.125", "rae/flow")]
@@ -90,8 +94,29 @@ def test_the_table_ranks_each_group_by_fid_with_its_columns_and_values(local_mlf
     assert [r["fid"] for r in as_json[groups[1]]] == [2.5, 5.0, 9.125]
     md = render(board, 10, "md").splitlines()
     assert md[0] == f"### {groups[0]}" and md[2].startswith("| rank | fid | precision |")
-    assert md[3] == "|" + "---|" * 16
+    assert md[3] == "|" + "---|" * 17
+    assert {r[cell["protocol"]] for r in ranked} == {"domain / train split / 500"}
 
 
 def test_without_evaluations_the_table_says_how_to_get_one():
     assert render([], 10, "table") == "no evaluations yet: run `rae run` (or `make demo`) first"
+
+
+def test_runs_of_different_reference_sets_are_never_ranked_together(local_mlflow, tmp_path):
+    """The same extractor and sample count against the training split and against ADM's batch
+    are two protocols: two groups, and the champion is the best under one protocol only."""
+    _versions(2)
+    adm = "adm:VIRTUAL_imagenet256_labeled.npz"
+    _evaluation(tmp_path, 1, 500, 3.0, extractor="inception")
+    _evaluation(tmp_path, 2, 500, 1.0, extractor="inception", reference=adm)
+    board = rows("rae")
+    assert len({r["group"] for r in board}) == 2
+    assert {r["protocol"] for r in board} == {"inception / train split / 500",
+                                              f"inception / {adm} / 500"}
+    text = render(board, 10, "table")
+    tables = [_table_rows(part)[1:] for part in text.split("dataset=")[1:]]
+    assert [[r[0] for r in t] for t in tables] == [["1"], ["1"]]  # each first in its own table
+    crowned = crown_champion("rae", NAME, "digits", "32", "rae/flow")
+    protocol = next(r["group"] for r in board if r["generator_version"] == crowned)
+    assert all(r["fid"] >= next(b["fid"] for b in board if b["generator_version"] == crowned)
+               for r in board if r["group"] == protocol)
