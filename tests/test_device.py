@@ -177,6 +177,18 @@ def test_stages_ask_for_bf16_as_precision_says_and_compute_the_same_on_the_cpu(p
     assert torch.equal(latents["fp32"], latents["bf16"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this process sees a GPU")
+def test_a_worker_that_reserved_a_gpu_it_does_not_see_fails_in_one_line(project):
+    from rae_core.errors import ConfigError
+
+    cfg, paths = project
+    c = cfg.to_dict()
+    c["ray"]["use_gpu"] = True
+    with pytest.raises(ConfigError, match=r"^ray.use_gpu: true, but this process sees no CUDA "
+                                          r"device [^\n]*set ray.use_gpu=false[^\n]*$"):
+        stages._stats_shard(c, str(paths.root), 0, 8)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
