@@ -6,7 +6,8 @@ does to them) with --format jpeg, or kept as the 32 px PNGs, which the loader's 
 upscales, with --format png. The split is read lazily (data.max_in_memory=0), as ImageNet's is:
 every batch is decoded when it is read. For each worker count the loader reads --steps batches
 after one warm-up batch (which includes the workers' start); the median of --repeat runs is
-printed, runs alternating between worker counts so load changes hit each alike.
+printed, runs alternating between worker counts so load changes hit each alike. The reading
+process runs torch on --threads threads (workers always on one, as DataLoader sets them).
 
 --extract times extract's reading instead (rae_core.data.loader.range_batches over the split
 in file order), --gpu-decode with the JPEGs decoded on the GPU (one batch per call, synchronised).
@@ -85,8 +86,11 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, default=2)
     ap.add_argument("--extract", action="store_true")
     ap.add_argument("--gpu-decode", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the reading process (a Ray worker of the tiny preset has one)")
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "rae-loader-bench")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     folder = make_folder(args.root, args.format, args.resolution)
     if args.extract:
         run = partial(extract_rate, ImageFolderDataset(folder, "train", args.resolution),
