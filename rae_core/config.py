@@ -58,6 +58,8 @@ class DataConfig(_Schema):
     resolution: int = Field(32, ge=8, le=2048)
     val_fraction: Float = Field(0.2, gt=0.0, le=0.9)
     num_classes: int = Field(10, ge=1, le=100000)
+    # photos: crops per photo, train and val together (None: 225); stored at max(32, resolution)
+    per_class: int | None = Field(None, ge=2)
     # Horizontal flips as augmentation of the generator's data (ADM/ImageNet: on). Off for
     # digits, where a mirrored 2 is not a 2.
     hflip: bool = False
@@ -85,7 +87,19 @@ class PretrainConfig(_Schema):
 class EncoderConfig(_Schema):
     name: str = "mae-tiny"
     weights: str | None = None  # local weights file; None = pretrained here (mae-*) or hub cache
+    # a timm encoder's architecture with untrained (seeded) weights: the rehearsal preset only,
+    # whose latents have the paper's shapes but no pretrained features
+    random_init: bool = False
+    # a random-init timm encoder's depth, width and heads replaced where set (shrunk for tests)
+    depth: int | None = Field(None, ge=1)
+    width: int | None = Field(None, ge=1)
+    heads: int | None = Field(None, ge=1)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+
+    def overrides(self) -> dict[str, int]:
+        """timm's names for the architecture settings params replace."""
+        pairs = (("depth", self.depth), ("embed_dim", self.width), ("num_heads", self.heads))
+        return {k: v for k, v in pairs if v is not None}
 
 
 class AutoencoderConfig(_Schema):
@@ -146,6 +160,10 @@ class RefineConfig(_Schema):
 
 class DecoderConfig(_Schema):
     model: str = "ViT-tiny"
+    # the registered ViT's width (MLP 4x), depth and heads replaced where set
+    hidden: int | None = Field(None, ge=1)
+    depth: int | None = Field(None, ge=1)
+    heads: int | None = Field(None, ge=1)
     patch_size: int = Field(8, ge=1)
     weights: str | None = None  # a released reference decoder (rae_core.released) instead of training one
     refine: RefineConfig = Field(default_factory=RefineConfig)
@@ -165,6 +183,24 @@ class DecoderConfig(_Schema):
     eval_every: int = Field(300, ge=1)
     ckpt_every: int = Field(200, ge=1)
     nonfinite_patience: int = Field(10, ge=1)  # as encoder.pretrain.nonfinite_patience
+
+    def overrides(self) -> dict[str, int]:
+        """The registered decoder's width, depth and heads replaced where params set them."""
+        pairs = (("width", self.hidden), ("depth", self.depth), ("heads", self.heads))
+        return {k: v for k, v in pairs if v is not None}
+
+
+class WeakConfig(_Schema):
+    """AutoGuidance's weak model, trained by train-generator after the main one on the same
+    latents (generator settings, with these replaced) into models/generator/weak/ema.pt.
+    model = None: none is trained (the weak model is a file given by sample.weak_model)."""
+
+    model: str | None = None
+    steps: int = Field(100, ge=1)
+    hidden: int | None = Field(None, ge=1)
+    depth: int | None = Field(None, ge=1)
+    heads: int | None = Field(None, ge=1)
+    head_hidden: int | None = Field(None, ge=1)
 
 
 # (section, key) of settings that only say which files are kept
@@ -217,6 +253,7 @@ class GeneratorConfig(_Schema):
     ckpt_every: int = Field(200, ge=1)  # also an EMA snapshot (runs/checkpoints/.../ema-step*.pt)
     keep_snapshots: int = Field(0, ge=0)  # EMA snapshots kept, spread over the steps; 0 = all
     nonfinite_patience: int = Field(10, ge=1)  # as encoder.pretrain.nonfinite_patience
+    weak: WeakConfig = Field(default_factory=WeakConfig)
 
     def overrides(self) -> dict[str, int]:
         """The registered model config's width, depth, heads, patch and DiT-DH head width
@@ -363,6 +400,15 @@ class Config(_Schema):
         if lo is None or not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"generator.mask_ratio: {g.mask_ratio!r} is not valid; "
                              "expected [lo, hi] with 0 < lo <= hi <= 1")
+        e = self.encoder
+        if e.random_init and self.preset != "rehearsal":
+            raise ValueError(f"encoder.random_init: true is not valid in preset {self.preset!r}; "
+                             "untrained encoder weights are for the rehearsal preset only")
+        if not e.random_init and (key := next((k for k in ("depth", "width", "heads")
+                                                if getattr(e, k) is not None), None)):
+            raise ValueError(f"encoder.{key}: {getattr(e, key)} is not valid with "
+                             "encoder.random_init=false; only an untrained encoder's "
+                             "architecture may change")
         if s.guidance == "autoguidance" and not s.weak_model:
             raise ValueError("sample.weak_model: null is not valid with "
                              "sample.guidance=autoguidance; give a checkpoint file of the weaker model")
