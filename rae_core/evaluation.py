@@ -39,6 +39,7 @@ from rae_core.metrics import (
     save_classifier,
     train_domain_classifier,
 )
+from rae_core.metrics.adm import read_reference
 from rae_core.metrics.domain import predict
 from rae_core.metrics.features import as_float_images
 from rae_core.paths import Paths
@@ -90,10 +91,13 @@ def build_extractor(cfg: Config, paths: Paths, device: torch.device | str = "cpu
 @dataclass(frozen=True)
 class Reference:
     """Training-set statistics of one extractor, and every `stride`-th training image's features
-    (at most MAX_PR_REFERENCE, in file order) as the real set of precision/recall."""
+    (at most MAX_PR_REFERENCE, in file order) as the real set of precision/recall; or those of
+    an ADM reference batch (evaluate.reference), whose precision/recall features exist only when
+    the file holds its images. `name` is the reference set as the leaderboard names it."""
 
     stats: FeatureStats
-    pr_features: np.ndarray
+    pr_features: np.ndarray | None
+    name: str = "train split"
 
     def save(self, path: Path) -> None:
         self.stats.save(path, pr_features=self.pr_features)
@@ -131,7 +135,10 @@ def reference_from_split(root: str | Path, resolution: int, extractor, chunk: in
 
 
 def reference(cfg: Config, paths: Paths, extractor) -> Reference:
-    """The cached Reference of this dataset and extractor, computed on first use."""
+    """The cached Reference of this dataset and extractor, computed on first use; that of the
+    ADM batch file evaluate.reference when one is given."""
+    if cfg.evaluate.reference:
+        return Reference(*read_reference(cfg.evaluate.reference, extractor, paths.reference_dir))
     name = extractor.name.replace(":", "-").replace("/", "-")
     path = (paths.reference_dir /
             f"train-reference-{_dataset_key(cfg)}-{name}-pr{MAX_PR_REFERENCE}.npz")
@@ -184,9 +191,11 @@ def sample_metrics(images: np.ndarray, labels: np.ndarray, extractor, ref: Refer
             scores.append(extractor.logits(x))
         if clf is not None:
             correct += int((predict(clf, x) == labels[i: i + chunk]).sum())
-    prec, rec = precision_recall(ref.pr_features, np.concatenate(feats), k=pr_k)
-    m: dict = {"fid": frechet_distance(ref.stats, acc.stats()), "precision": prec,
-               "recall": rec, "num_samples": len(images), "extractor": extractor.name}
+    m: dict = {"fid": frechet_distance(ref.stats, acc.stats()), "num_samples": len(images),
+               "extractor": extractor.name, "reference": ref.name}
+    if ref.pr_features is not None:  # an ADM batch of statistics only has no real features
+        m["precision"], m["recall"] = precision_recall(ref.pr_features, np.concatenate(feats),
+                                                       k=pr_k)
     if clf is not None:
         m["class_accuracy"] = correct / len(images)
     if logits:

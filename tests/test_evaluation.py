@@ -187,7 +187,7 @@ def test_run_matches_the_whole_split_computation(folder, tmp_path, monkeypatch):
     fake = torch.from_numpy(samples).permute(0, 3, 1, 2).float().div(255)
     recs = (val * 0.9).round(decimals=2)
     prec, rec = precision_recall(ext(train), ext(fake), k=cfg.evaluate.pr_k)
-    assert m.pop("extractor") == "flat"
+    assert m.pop("extractor") == "flat" and m.pop("reference") == "train split"
     assert m == pytest.approx({
         "fid": fid_from_features(ext(train), ext(fake)), "precision": prec, "recall": rec,
         "num_samples": 30,

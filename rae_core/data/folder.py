@@ -183,6 +183,11 @@ def validate_folder(root: str | Path, num_classes: int | None = None,
     return summary
 
 
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 images to float in [0, 1]."""
+    return pixels.float().div_(255)
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """(image float (3, R, R) in [0, 1], label) pairs of one split."""
 
@@ -196,10 +201,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def pixels(self, i: int) -> torch.Tensor:
+        """Image i as uint8 (3, R, R): what __getitem__ scales to [0, 1], in a quarter of the bytes."""
+        return torch.from_numpy(load_image(self.index.files[i], self.resolution).copy()).permute(2, 0, 1)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        arr = load_image(self.index.files[i], self.resolution)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255), \
-            self.index.labels[i]
+        return to_unit(self.pixels(i)), self.index.labels[i]
 
     def chunks(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The split in file order, `size` images at a time: images (n, 3, R, R) in [0, 1] and
@@ -233,9 +240,10 @@ MAX_IN_MEMORY = 10_000  # data.max_in_memory's default
 class ImageSource:
     """Training images by index with a random horizontal flip per sample.
 
-    Splits of at most `max_in_memory` images are decoded once and held in memory; larger ones
-    (ImageNet) are decoded per batch. `read` is the part a DataLoader worker can do ahead of the
-    step (rae_core.data.loader), `finish` the part drawn from the step's generator.
+    Splits of at most `max_in_memory` images are decoded once and held in memory as uint8 (10,000
+    images at 256 px: 2 GB); larger ones (ImageNet) are decoded per batch. `read` is the part a
+    DataLoader worker can do ahead of the step (rae_core.data.loader), passing on uint8, a quarter
+    of float32's bytes; `finish` scales to [0, 1] and draws from the step's generator.
     """
 
     def __init__(self, root: str | Path, split: str, resolution: int,
@@ -243,20 +251,22 @@ class ImageSource:
         self.dataset = ImageFolderDataset(root, split, resolution)
         self.images: torch.Tensor | None = None
         if len(self.dataset) <= max_in_memory:
-            self.images = torch.stack([self.dataset[i][0] for i in range(len(self.dataset))])
+            self.images = torch.stack([self.dataset.pixels(i) for i in range(len(self.dataset))])
         self.labels = torch.tensor(self.dataset.index.labels, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def read(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, 3, R, R) in [0, 1] and labels (B,) of `idx`, unflipped."""
+        """uint8 images (B, 3, R, R) and labels (B,) of `idx`, unflipped."""
         if self.images is not None:
             return self.images[idx], self.labels[idx]
-        return torch.stack([self.dataset[int(i)][0] for i in idx]), self.labels[idx]
+        return torch.stack([self.dataset.pixels(int(i)) for i in idx]), self.labels[idx]
 
     def finish(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
                flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, R, R) in [0, 1], each mirrored with probability 1/2 where `flip`."""
+        x = to_unit(x)
         if flip:
             f = torch.rand(len(x), generator=generator) < 0.5
             x = torch.where(f[:, None, None, None], x.flip(-1), x)

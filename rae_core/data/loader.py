@@ -83,7 +83,7 @@ class _RangeReads(torch.utils.data.Dataset):
     def __getitem__(self, idx: list[int]):
         labels = torch.tensor([self.dataset.index.labels[i] for i in idx], dtype=torch.long)
         if not self.encoded:
-            return torch.stack([self.dataset[i][0] for i in idx]), labels
+            return torch.stack([self.dataset.pixels(i) for i in idx]), labels  # uint8
         from rae_core.data.jpeg import read_encoded
 
         items = [read_encoded(self.dataset.index.files[i], self.dataset.resolution) for i in idx]
@@ -96,6 +96,7 @@ def range_batches(dataset, start: int, end: int, batch: int, cfg):
     extract.gpu_decode the JPEGs are decoded on the run's GPU and the images are there; else
     they are on the CPU (pinned where the run computes on a GPU)."""
     from rae_core import device as devices
+    from rae_core.data.folder import to_unit
     from rae_core.data.jpeg import decode_batch, decode_device
 
     gpu = cfg.extract.gpu_decode
@@ -108,7 +109,7 @@ def range_batches(dataset, start: int, end: int, batch: int, cfg):
         pin_memory=opts.pin_memory and target.type == "cuda")
     for item in loader:
         if not gpu:
-            yield item[0], item[1]
+            yield to_unit(item[0]), item[1]
             continue
         items, encoded, labels, idx = item
         files = [dataset.index.files[i] for i in idx]

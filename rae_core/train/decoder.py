@@ -16,7 +16,7 @@ import torch
 
 from rae_core.autoencoder import build_decoder_for, load_encoder
 from rae_core.config import Config, from_dict
-from rae_core.data.folder import ImageSource
+from rae_core.data.folder import ImageSource, to_unit
 from rae_core.data.loader import step_loader
 from rae_core.paths import Paths
 from rae_core.plots import LossCurve, write_empty
@@ -60,7 +60,7 @@ def validation_images(cfg: Config, paths: Paths, count: int = 512) -> torch.Tens
     """Up to `count` validation images spread evenly over the (class-sorted) split."""
     val = ImageSource(paths.dataset(cfg.data.root), "val", cfg.data.resolution,
                       cfg.data.max_in_memory)
-    return val.read(torch.linspace(0, len(val) - 1, min(count, len(val))).long())[0]
+    return to_unit(val.read(torch.linspace(0, len(val) - 1, min(count, len(val))).long())[0])
 
 
 def save_decoder(cfg: Config, paths: Paths, encoder, decoder, summary: dict) -> None:
