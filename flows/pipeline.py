@@ -333,6 +333,11 @@ def _pipeline(cfg: Config, paths: Paths, cfg_dict: dict, root: str, until: str |
     tracking.log_numbers(parent, totals, prefix="pipeline.")
     log.info("pipeline timings: %s", {k: round(v, 1) for k, v in totals.items()})
     tracking.end_run(parent)
+    if len(skipped) < len(names):
+        from flows import dvc_lock
+
+        if line := dvc_lock.record(cfg, paths.root, names):
+            console.say(line)
     console.run_finished(paths, totals["wall_s"])
     return outputs
 

@@ -219,6 +219,19 @@ def test_a_second_run_skips_every_finished_stage_and_tracks_nothing_new(project,
     assert record["outputs"]["fid"] > 0 and record["params"]["evaluate.extractor"]
 
 
+def test_rae_run_records_its_outputs_in_dvc_lock(project):
+    """`rae run` in a DVC project leaves dvc.lock as `dvc repro` would: every stage's outputs
+    recorded, so `dvc status` finds nothing to do and `dvc push` would share them."""
+    import yaml
+
+    proj, env, _ = project
+    (proj / "dvc.lock").unlink()
+    out = _run([sys.executable, "-m", "flows.cli", "run", "--force", "sample"], proj, env).stdout
+    assert "dvc.lock: recorded the outputs of 8 stages" in out
+    assert set(yaml.safe_load((proj / "dvc.lock").read_text())["stages"]) == set(STAGES)
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], proj, env).stdout
+
+
 def test_samples_do_not_depend_on_the_batch_size(project):
     """Each shard draws its noise from its own seed, so re-batching gives the same images."""
     import numpy as np
