@@ -143,14 +143,18 @@ def _converse(conn: socket.socket, argv: list[str], root: Path, entry: dict,
         with contextlib.suppress(ProcessLookupError):
             os.kill(entry["pid"], signal.SIGINT)
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, relay)
+    previous = {sig: signal.signal(sig, relay)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     reply = _receive_line(conn)
     if reply is None:
         print(f"rae: error: the project's driver (pid {entry['pid']}) ended during the command; "
               f"its log: {home / 'services' / 'driver.log'}", file=sys.stderr)
         return 1
-    return None if reply.get("busy") else int(reply["rc"])
+    if reply.get("busy"):  # the command runs here after all: its signals are its own again
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        return None
+    return int(reply["rc"])
 
 
 def _is_open(fd: int) -> bool:
