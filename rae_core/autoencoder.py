@@ -162,6 +162,10 @@ def load_decoder(cfg: Config, paths: Paths, encoder: nn.Module,
     from rae_core.store import safe_load
 
     dec = build_decoder_for(cfg, paths, encoder)
+    if cfg.decoder.weights:  # a released reference decoder instead of train-decoder's
+        from rae_core.released import load_decoder as load_released
+
+        return load_released(dec, cfg.decoder.weights).to(device).eval()
     state = safe_load(paths.decoder_dir / "decoder.pt")
     dec.load_state_dict(state["model"])
     return dec.to(device).eval()

@@ -55,6 +55,7 @@ def _shard(cfg_dict: dict, root: str, index: int, labels: list[int], path: str) 
     from rae_core import device as devices
     from rae_core.autoencoder import load_decoder, load_encoder, load_stats
     from rae_core.generator import load_generator
+    from rae_core.released import configured_generator
 
     cfg, paths = from_dict(cfg_dict), Paths.at(root)
     s, here = cfg.sample, devices.of(cfg)
@@ -62,7 +63,7 @@ def _shard(cfg_dict: dict, root: str, index: int, labels: list[int], path: str) 
     stats = load_stats(cfg, paths, encoder)
     decoder = load_decoder(cfg, paths, encoder, here)
     shape = tuple(encoder.latent_shape)
-    model = load_generator(paths.generator_dir / "ema.pt", shape, cfg.data.num_classes).to(here)
+    model = configured_generator(cfg, paths, shape).to(here)  # ema.pt or generator.weights
     weak = load_generator(paths.dataset(s.weak_model), shape, cfg.data.num_classes).to(here) \
         if s.guidance == "autoguidance" else None
     t0 = time.perf_counter()
@@ -91,6 +92,7 @@ def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def run(cfg: Config, paths: Paths) -> dict:
     from rae_core.generator import SECTIONS
     from rae_core.images import grid, save_png
+    from rae_core.released import generator_file
     from rae_core.sampling import balanced_labels
     from rae_core.train.runner import map_shards
 
@@ -98,7 +100,7 @@ def run(cfg: Config, paths: Paths) -> dict:
     labels = balanced_labels(s.num_per_class, cfg.data.num_classes).tolist()
     key = {"sample": cfg.to_dict()["sample"], "generator": cfg.fingerprint(*SECTIONS),
            "decoder": cfg.fingerprint("autoencoder", "decoder"), "model_mtime":
-           (paths.generator_dir / "ema.pt").stat().st_mtime_ns}
+           generator_file(cfg, paths).stat().st_mtime_ns}
     marker = out / "shards.key.json"
     if marker.exists() and json.loads(marker.read_text()) != key:
         for old in out.glob("shard-*.npz"):

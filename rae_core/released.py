@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from rae_core.errors import ConfigError, DataError
 
 WRAPPERS = ("ema", "model", "state_dict")  # keys a training checkpoint nests its weights under
+RELEASED_LN_EPS = 1e-12  # HF ViT-MAE's LayerNorm eps, which the released decoders were trained with
 
 
 def _conv_as_linear(w: Tensor) -> Tensor:
@@ -166,5 +167,30 @@ def load_generator(model: nn.Module, path: str | Path, key: str = "generator.wei
 
 def load_decoder(decoder: nn.Module, path: str | Path, key: str = "decoder.weights"
                  ) -> nn.Module:
-    """A released RAE decoder file into a ViTDecoder built with ln_eps=1e-12."""
+    """A released RAE decoder file into a ViTDecoder, its LayerNorms set to the released eps."""
+    for m in decoder.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.eps = RELEASED_LN_EPS
     return load(decoder, decoder_state(read(path, key), decoder.patch_size), path, key)
+
+
+def generator_file(cfg, paths) -> Path:
+    """The file `sample` draws with: generator.weights when set, else the trained EMA."""
+    w = cfg.generator.weights
+    return Path(w).expanduser() if w else paths.generator_dir / "ema.pt"
+
+
+def configured_generator(cfg, paths, latent_shape) -> nn.Module:
+    """The eval-mode generator of this configuration: trained (ema.pt), or the released file
+    generator.weights in the registered generator.model with the reference's conditioning."""
+    from rae_core.generator import load_generator as load_trained
+    from rae_core.models import build_model
+
+    if not cfg.generator.weights:
+        return load_trained(generator_file(cfg, paths), latent_shape, cfg.data.num_classes)
+    if cfg.generator.kind != "flow":
+        raise ConfigError(f"generator.weights: released checkpoints are flow DiT-DH models; "
+                          f"generator.kind is {cfg.generator.kind!r}")
+    c, h, _ = latent_shape
+    model = build_model(cfg.generator.model, c, h, cfg.data.num_classes, double_silu=True)
+    return load_generator(model, cfg.generator.weights).eval()

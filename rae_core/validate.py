@@ -131,7 +131,8 @@ def preflight(cfg: Config, root, stages: list[str]) -> None:
     readers = {"encoder.weights": [s for s in stages if s != "prepare"],
                "decoder.gan.disc_weights": ["train-decoder"],
                "decoder.lpips_weights": ["train-decoder"],
-               "evaluate.inception_weights": ["evaluate"]}
+               "evaluate.inception_weights": ["evaluate"],
+               "decoder.weights": ["sample", "evaluate"], "generator.weights": ["sample"]}
     flat = cfg.flat()
     for key, users in readers.items():
         value = flat.get(key)
@@ -142,3 +143,7 @@ def preflight(cfg: Config, root, stages: list[str]) -> None:
         from rae_core.metrics.features import resolve_inception_weights
 
         resolve_inception_weights(cfg.evaluate.inception_weights)
+    if "evaluate" in stages and cfg.evaluate.reference:
+        from rae_core.metrics.adm import layout as adm_layout
+
+        adm_layout(cfg.evaluate.reference)  # its keys, before any image is sampled
