@@ -41,12 +41,23 @@ def family(cfg: Config) -> str:
     return f"{cfg.autoencoder.kind}/{cfg.generator.kind}"
 
 
+def encoder_label(cfg: Config) -> str:
+    """e.g. `dinov2-b (random init)`: untrained weights, and a changed architecture, are said."""
+    e = cfg.encoder
+    arch = "".join(f", {k} {v}" for k, v in (("depth", e.depth), ("width", e.width),
+                                             ("heads", e.heads)) if v is not None)
+    return f"{e.name} (random init{arch})" if e.random_init else e.name
+
+
 def decoder_label(cfg: Config) -> str:
     if cfg.autoencoder.kind == "hybrid-vq":
         return cfg.encoder.name + "-hybrid"
     if cfg.autoencoder.kind == "vae":
         return cfg.encoder.name + ("-ft" if cfg.autoencoder.finetune_decoder else "")
-    return cfg.decoder.model
+    d = cfg.decoder
+    arch = ", ".join(f"{k} {v}" for k, v in (("hidden", d.hidden), ("depth", d.depth),
+                                             ("heads", d.heads)) if v is not None)
+    return f"{d.model} ({arch})" if arch else d.model
 
 
 def _group_tags(cfg: Config) -> dict[str, str]:
@@ -56,7 +67,7 @@ def _group_tags(cfg: Config) -> dict[str, str]:
             Path(cfg.data.source or cfg.data.root).name,
             "rae.resolution": str(cfg.data.resolution), "rae.extractor": "", "rae.reference": "",
             "rae.num_samples": str(s.num_per_class * cfg.data.num_classes),
-            "rae.model": cfg.generator.model, "rae.encoder": cfg.encoder.name,
+            "rae.model": cfg.generator.model, "rae.encoder": encoder_label(cfg),
             "rae.decoder": decoder_label(cfg), "rae.steps": str(cfg.generator.steps),
             "rae.sampler": s.sampler, "rae.sampling_steps": str(s.steps),
             "rae.guidance": s.guidance, "rae.scale": str(s.scale if s.guidance != "none" else 0)}
@@ -163,7 +174,8 @@ def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
     console.stage_started(name)
     t_track = time.time()
     resuming = any(paths.checkpoints.glob(f"{name}-*/last.pt"))  # the loops' resume points
-    run_id = tracking.stage_run(cfg, paths.root, name, parent, tags={"rae.stage": name},
+    run_id = tracking.stage_run(cfg, paths.root, name, parent,
+                                tags={"rae.stage": name, "rae.encoder": encoder_label(cfg)},
                                 resuming=resuming)
     t0 = time.time()
     try:
@@ -297,7 +309,7 @@ def _pipeline(cfg: Config, paths: Paths, cfg_dict: dict, root: str, until: str |
               force: set[str]) -> dict:
     last = ORDER.index(until) if until else len(ORDER) - 1
     parent = tracking.start_run(cfg, paths.root, f"pipeline-{cfg.preset}",
-                                tags={"rae.kind": "pipeline"})
+                                tags={"rae.kind": "pipeline", "rae.encoder": encoder_label(cfg)})
     t0, outputs, futures = time.time(), {}, {}
     try:
         names = ORDER[: last + 1]

@@ -54,7 +54,8 @@ def latent_shape(cfg: Config) -> tuple[int, int, int]:
     # platform's own small encoders are built in milliseconds on the CPU instead
     spec = ENCODERS.get(cfg.encoder.name)
     with torch.device("meta" if spec is not None and spec.kind == "timm" else "cpu"):
-        enc = build_encoder(cfg.encoder.name, cfg.data.resolution, random_init=True)
+        enc = build_encoder(cfg.encoder.name, cfg.data.resolution, random_init=True,
+                            **cfg.encoder.overrides())
     return tuple(enc.latent_shape)
 
 
@@ -97,7 +98,8 @@ def load_encoder(cfg: Config, paths: Paths, device: torch.device | str = "cpu") 
     if needs_pretraining(cfg) and not Path(weights).exists():
         raise DataError(f"{weights}: pretrained {cfg.encoder.name} encoder not found; run "
                         "`rae stage pretrain-encoder` first or set encoder.weights")
-    enc = build_encoder(cfg.encoder.name, cfg.data.resolution, weights=weights)
+    enc = build_encoder(cfg.encoder.name, cfg.data.resolution, weights=weights,
+                        random_init=cfg.encoder.random_init, **cfg.encoder.overrides())
     return enc.to(device).eval()
 
 
@@ -154,7 +156,7 @@ def build_decoder_for(cfg: Config, paths: Paths, encoder: nn.Module) -> nn.Modul
                          pixel_std=encoder.pixel_std, noise_tau=cfg.decoder.noise_tau,
                          noise_law=cfg.decoder.noise_law,
                          refine_channels=cfg.decoder.refine.channels,
-                         refine_kernel=cfg.decoder.refine.kernel)
+                         refine_kernel=cfg.decoder.refine.kernel, **cfg.decoder.overrides())
 
 
 def load_decoder(cfg: Config, paths: Paths, encoder: nn.Module,
@@ -189,13 +191,13 @@ def autoencoder_macs(cfg: Config) -> tuple[float, float]:
 
         return vae_macs(cfg.encoder.name, r)
     with torch.device("meta"):
-        encoder = build_encoder(cfg.encoder.name, r, random_init=True)
+        encoder = build_encoder(cfg.encoder.name, r, random_init=True, **cfg.encoder.overrides())
         c, h, _ = encoder.latent_shape
         refine = cfg.decoder.refine
         decoder = build_decoder(cfg.decoder.model, c, h, cfg.decoder.patch_size,
                                 encoder.pixel_mean, encoder.pixel_std,
                                 refine_channels=refine.channels,
-                                refine_kernel=refine.kernel).eval()
+                                refine_kernel=refine.kernel, **cfg.decoder.overrides()).eval()
         macs = []
         for fn, x in ((encoder.encode, torch.empty(1, 3, r, r)),
                       (decoder, torch.empty(1, c, h, h))):

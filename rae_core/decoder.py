@@ -14,7 +14,7 @@ sample), which makes it robust to the imperfect latents a diffusion model genera
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -186,8 +186,13 @@ def _spec(name: str) -> DecoderSpec:
 def build_decoder(name: str, latent_channels: int, grid_size: int, patch_size: int,
                   pixel_mean: tuple[float, float, float], pixel_std: tuple[float, float, float],
                   noise_tau: float = 0.0, noise_law: NoiseLaw = "paper",
-                  refine_channels: int = 0, refine_kernel: int = 3) -> ViTDecoder:
+                  refine_channels: int = 0, refine_kernel: int = 3,
+                  **overrides: int) -> ViTDecoder:
+    """`overrides` replace the registered width (the MLP stays 4x it), depth or heads."""
     s = _spec(name)
+    if overrides:
+        width = overrides.get("width", s.width)
+        s = replace(s, mlp_dim=4 * width if "width" in overrides else s.mlp_dim, **overrides)
     return ViTDecoder(latent_channels, grid_size, patch_size, s.width, s.depth, s.heads,
                       s.mlp_dim, tuple(pixel_mean), tuple(pixel_std), noise_tau, noise_law,
                       refine_channels, refine_kernel)

@@ -60,6 +60,10 @@ ENCODERS: dict[str, EncoderSpec] = {
 }
 
 
+# the architecture settings of a timm ViT that an untrained encoder may replace (shrunk tests)
+TIMM_ARCH = ("depth", "embed_dim", "num_heads")
+
+
 def file_fingerprint(path: str | Path) -> str:
     """sha256 of the whole file: two fine-tunes of one model (SD-VAE ft-EMA and ft-MSE) differ
     only in tensors far from the start. About a second for a 1 GB file."""
@@ -85,7 +89,13 @@ def create_timm_model(timm_name: str, weights: str | None, random_init: bool, se
     from huggingface_hub import try_to_load_from_cache
 
     if random_init:
-        return timm.create_model(timm_name, pretrained=False, **kwargs), "random", None
+        # seeded: every process that builds it (stats, extract, training, sampling) holds the
+        # same weights, so the latents of one image never depend on which process encoded it
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = timm.create_model(timm_name, pretrained=False, **kwargs)
+        arch = "".join(f" {k}={v}" for k, v in kwargs.items() if k in TIMM_ARCH)
+        return model, "random" + arch, None
     if weights is not None:
         path, label = Path(weights).expanduser(), Path(weights).name
         if not path.is_file():
@@ -161,14 +171,14 @@ class TimmEncoder(Encoder):
     """DINOv2 / SigLIP2 / MAE ViT-B from timm; token grid R/16 x R/16."""
 
     def __init__(self, name: str, resolution: int, spec: EncoderSpec, weights: str | None,
-                 random_init: bool) -> None:
+                 random_init: bool, **arch: int) -> None:
         if resolution % 16:
             raise ConfigError(f"data.resolution = {resolution}; encoder {name} needs a "
                               "multiple of 16")
         grid = resolution // 16
         input_size = grid * spec.timm_patch
         model, label, sha = create_timm_model(spec.timm_name, weights, random_init,
-                                              "encoder.weights", img_size=input_size)
+                                              "encoder.weights", img_size=input_size, **arch)
         cfg = model.pretrained_cfg
         super().__init__(name, resolution, input_size, (model.embed_dim, grid, grid),
                          cfg["mean"], cfg["std"])
@@ -292,15 +302,17 @@ def _spec(name: str) -> EncoderSpec:
 def build_encoder(name: str, resolution: int, weights: str | None = None,
                   random_init: bool = False, **overrides: Any) -> Encoder:
     """A frozen encoder in eval mode. `weights`: a local file; None = the Hugging Face cache for
-    the timm encoders (never downloaded). `random_init` builds untrained weights (tests)."""
+    the timm encoders (never downloaded). `random_init` builds untrained weights (tests, the
+    rehearsal preset), whose timm architecture `overrides` may then shrink (TIMM_ARCH)."""
     spec = _spec(name)
-    unknown = sorted(set(overrides) - set(spec.options))
+    valid = (*spec.options, *(TIMM_ARCH if spec.kind == "timm" and random_init else ()))
+    unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ConfigError(f"encoder {name} has no setting {unknown[0]!r}; valid: "
-                          f"{', '.join(spec.options) or 'none'}")
+                          f"{', '.join(valid) or 'none'}")
     options = {**spec.options, **overrides}
     if spec.kind == "timm":
-        enc: Encoder = TimmEncoder(name, resolution, spec, weights, random_init)
+        enc: Encoder = TimmEncoder(name, resolution, spec, weights, random_init, **overrides)
     elif spec.kind == "pixels":
         enc = PixelEncoder(name, resolution, **options)
     else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,6 +313,7 @@ def plot_curve(curve: list[dict], extractor_name: str, path) -> None:
 
 def run(cfg: Config, paths: Paths) -> dict:
     """The stage in this process, on its device (stages.evaluate runs it on a Ray worker)."""
+    t0 = time.perf_counter()
     extractor, clf = build_extractor(cfg, paths, devices.of(cfg))
     ref = reference(cfg, paths, extractor)
     # The samples stay one uint8 array (50k at 256 px: 9.8 GB); only chunks become float.
@@ -339,6 +341,9 @@ def run(cfg: Config, paths: Paths) -> dict:
         plot_curve(curve, extractor.name, paths.evaluate_dir / "fid_vs_step.png")
     else:
         (paths.evaluate_dir / "fid_vs_step.png").unlink(missing_ok=True)
+    # samples evaluated per second, with the references, reconstructions and curve it made
+    m["eval_images_per_s"] = len(labels) / (time.perf_counter() - t0)
+    log.info("evaluate: %.1f images/s", m["eval_images_per_s"])
     write_json(paths.evaluate_dir / "metrics.json", m)
     log.info("evaluate: %s", m)
     return m

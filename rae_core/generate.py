@@ -94,6 +94,7 @@ def run(cfg: Config, paths: Paths) -> dict:
     from rae_core.images import grid, save_png
     from rae_core.released import generator_file
     from rae_core.sampling import balanced_labels
+    from rae_core.throughput import report
     from rae_core.train.runner import map_shards
 
     s, out = cfg.sample, paths.samples_dir
@@ -125,6 +126,7 @@ def run(cfg: Config, paths: Paths) -> dict:
     speed = {"images_per_s": len(images) / seconds, "sampling_s": seconds,
              "device": ", ".join(sorted({str(p["device"]) for p in parts}))}
     write_json(out / "throughput.json", speed)
+    report("sample", speed)
     return {"images": int(len(images)), "shards": len(shards),
             "reused_shards": len(shards) - len(todo), **speed}
 

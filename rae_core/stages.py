@@ -9,6 +9,7 @@ rae_core.autoencoder and rae_core.generator; the stages themselves are the same 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -28,12 +29,15 @@ def prepare(cfg: Config, paths: Paths) -> dict:
     same folder."""
     from rae_core.data.digits import materialise_digits
     from rae_core.data.folder import link_folder, validate_folder
-    from rae_core.data.photos import materialise_photos
+    from rae_core.data.photos import PER_CLASS, PHOTOS_SIZE, materialise_photos
 
     root = paths.dataset(cfg.data.root)
-    embedded = {"digits": materialise_digits, "photos": materialise_photos}
-    if cfg.data.dataset in embedded:
-        embedded[cfg.data.dataset](root, cfg.data.val_fraction, cfg.seed)
+    if cfg.data.dataset == "photos":  # stored at the working size where it exceeds 32 px
+        materialise_photos(root, cfg.data.val_fraction, cfg.seed,
+                           max(cfg.data.resolution, PHOTOS_SIZE),
+                           cfg.data.per_class or PER_CLASS)
+    elif cfg.data.dataset == "digits":
+        materialise_digits(root, cfg.data.val_fraction, cfg.seed)
     elif (src := paths.dataset(cfg.data.source)) != root:  # a source at data.root: used in place
         validate_folder(src, cfg.data.num_classes, check_files=False)  # layout; files below
         link_folder(src, root)
@@ -168,6 +172,7 @@ def extract(cfg: Config, paths: Paths) -> dict:
     from rae_core.autoencoder import load_encoder, stats_identity
     from rae_core.data.folder import scan_split
     from rae_core.data.latents import MANIFEST, reusable, shard_name
+    from rae_core.throughput import figures, report
     from rae_core.train.runner import map_shards
 
     out = paths.latents_dir
@@ -193,10 +198,15 @@ def extract(cfg: Config, paths: Paths) -> dict:
             for i, (a, b) in enumerate(ranges) if not reusable(out / shard_name(i))]
     if len(todo) < len(ranges):
         log.info("extract: %d of %d shards already done", len(ranges) - len(todo), len(ranges))
+    t0 = time.perf_counter()
     map_shards(_extract_shard, todo, cfg)
+    # images encoded (each under both flips) per second, with the workers' start-up
+    speed = figures(sum(t[3] - t[2] for t in todo), time.perf_counter() - t0)
     write_json(out / MANIFEST, {"identity": identity, "count": n,
                                 "shards": [shard_name(i) for i in range(len(ranges))]})
-    return {"shards": len(ranges), "reused_shards": len(ranges) - len(todo), "images": n}
+    report("extract", speed)
+    return {"shards": len(ranges), "reused_shards": len(ranges) - len(todo), "images": n,
+            **speed}
 
 
 def train_decoder(cfg: Config, paths: Paths) -> dict:
@@ -206,9 +216,24 @@ def train_decoder(cfg: Config, paths: Paths) -> dict:
 
 
 def train_generator(cfg: Config, paths: Paths) -> dict:
+    """The generator, then (where generator.weak names a model) AutoGuidance's weak model on
+    the same latents with the same settings, its own model, steps and schedule scaled to them,
+    into models/generator/weak/ema.pt; the weak model's figures come back as weak_*."""
+    from rae_core.config import from_dict
     from rae_core.train import generator as stage
 
-    return stage.run(cfg, paths)
+    out = stage.run(cfg, paths)
+    g, w = cfg.generator, cfg.generator.weak
+    if w.model is None:
+        return out
+    scale = w.steps / g.steps
+    section = {**g.model_dump(), "model": w.model, "steps": w.steps, "hidden": w.hidden,
+               "depth": w.depth, "heads": w.heads, "head_hidden": w.head_hidden,
+               "warmup_steps": round(g.warmup_steps * scale),
+               "decay_start_step": round(g.decay_start_step * scale), "weak": {}}
+    weak = stage.run(from_dict({**cfg.to_dict(), "generator": section}), paths,
+                     "train-generator-weak", paths.generator_dir / "weak")
+    return out | {f"weak_{k}": v for k, v in weak.items()}
 
 
 def sample(cfg: Config, paths: Paths) -> dict:

@@ -5,7 +5,8 @@ Each photo is cut across its long side into a training region and a validation r
 val_fraction of it), so no validation crop shares a pixel with a training crop. Square crops of
 48-128 px (smaller where a region is narrower) are taken at seeded random places in each region,
 resized to 32x32 with an antialiasing filter and stored as RGB PNGs under train/<class>/ or
-val/<class>/.
+val/<class>/. At a larger size (the rehearsal's 256 px) the same crops are upscaled: the
+photos hold no more detail than 48-128 px per crop, enough to run every stage at that size.
 """
 
 from __future__ import annotations
@@ -76,12 +77,13 @@ def crop_boxes(region: tuple[int, int, int, int], n: int,
     return boxes
 
 
-def photo_crops(val_fraction: float, seed: int, size: int = PHOTOS_SIZE) -> dict:
+def photo_crops(val_fraction: float, seed: int, size: int = PHOTOS_SIZE,
+                per_class: int = PER_CLASS) -> dict:
     """{split: (uint8 images (N, size, size, 3), labels (N,), boxes [(top, left, side)])}, in
     class order; the same under the same seed."""
     rng = np.random.default_rng(seed)
-    n_val = round(PER_CLASS * val_fraction)
-    counts = {"train": PER_CLASS - n_val, "val": n_val}
+    n_val = round(per_class * val_fraction)
+    counts = {"train": per_class - n_val, "val": n_val}
     out: dict = {split: ([], [], []) for split in counts}
     for label, load in enumerate(PHOTOS.values()):
         photo = load()
@@ -96,20 +98,22 @@ def photo_crops(val_fraction: float, seed: int, size: int = PHOTOS_SIZE) -> dict
             for split, (im, lab, boxes) in out.items()}
 
 
-def materialise_photos(root: str | os.PathLike, val_fraction: float, seed: int) -> dict:
+def materialise_photos(root: str | os.PathLike, val_fraction: float, seed: int,
+                       size: int = PHOTOS_SIZE, per_class: int = PER_CLASS) -> dict:
     """Write the photo-crop image folder beside `root`, then swap it in whole (as
-    materialise_digits does), and return its summary."""
+    materialise_digits does), and return its summary. `size`: the side of the stored crops
+    (upscaled above 128 px); `per_class`: crops per photo, train and val together."""
     root = Path(root)
     tmp = staging(root, "the photos")
     names = list(PHOTOS)
     counts: dict[str, dict[str, int]] = {"train": {}, "val": {}}
-    for split, (images, labels, _) in photo_crops(val_fraction, seed).items():
+    for split, (images, labels, _) in photo_crops(val_fraction, seed, size, per_class).items():
         for i, (img, label) in enumerate(zip(images, labels, strict=True)):
             folder = tmp / split / names[label]
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(folder / f"{i:04d}.png", optimize=False)
             counts[split][names[label]] = counts[split].get(names[label], 0) + 1
-    summary = {"dataset": "photos", "size": PHOTOS_SIZE, "seed": seed,
+    summary = {"dataset": "photos", "size": size, "per_class": per_class, "seed": seed,
                "val_fraction": val_fraction, "counts": counts}
     (tmp / PREPARED).write_text(json.dumps(summary, indent=1, sort_keys=True))
     swap_in(tmp, root)

@@ -10,17 +10,19 @@ layer is computed in fp32 outside autocast.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
 
-from rae_core.autoencoder import build_decoder_for, load_encoder
+from rae_core.autoencoder import autoencoder_macs, build_decoder_for, load_encoder
 from rae_core.config import Config, from_dict
 from rae_core.data.folder import ImageSource, to_unit
 from rae_core.data.loader import step_loader
 from rae_core.paths import Paths
 from rae_core.plots import LossCurve, write_empty
 from rae_core.store import atomic_save, write_json
+from rae_core.throughput import figures, peak_flops, report
 from rae_core.train.common import (
     EMA,
     Checkpointer,
@@ -110,6 +112,7 @@ def train_loop(config: dict) -> dict:
     guard = NonFiniteGuard("train-decoder", "decoder", d.nonfinite_patience, ckpt, states,
                            metrics, curve, world=world)
     zero = torch.zeros((), device=device)
+    t0 = time.perf_counter()
     for step in guard.steps(start, d.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
@@ -176,7 +179,14 @@ def train_loop(config: dict) -> dict:
                             run_dir / f"reconstructions-step{done:07d}.png", upscale=2)
             metrics.artifact(done, path)
     curve.write()
+    seconds = time.perf_counter() - t0
     summary: dict = {"steps": d.steps, "resumed_at": start}
+    # a step encodes with the frozen encoder (forward only) and trains the decoder (~3x)
+    flops = None
+    if peak_flops(device):
+        enc_macs, dec_macs = autoencoder_macs(cfg)
+        flops = 2 * (enc_macs + 3 * dec_macs)
+    summary.update(figures((d.steps - start) * d.batch_size, seconds, flops, device, world))
     if rank == 0:
         summary.update(evaluate_reconstruction(encoder, ema.model, val_images.to(device)))
         save_decoder(cfg, paths, encoder, ema.model, summary)
@@ -208,4 +218,5 @@ def run(cfg: Config, paths: Paths) -> dict:
                   {"cfg": cfg.to_dict(), "root": str(paths.root), "run_dir": str(run_dir),
                    "fingerprint": fp}, cfg, paths.ray_storage)
     summary["checkpoint_dir"] = str(run_dir)
+    report("train-decoder", summary)
     return summary

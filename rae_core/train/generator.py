@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -19,9 +20,11 @@ from rae_core.autoencoder import load_decoder, load_encoder, load_stats, stats_i
 from rae_core.config import Config, from_dict
 from rae_core.data.latents import OnlineSource, ShardSource
 from rae_core.data.loader import step_loader
+from rae_core.models import model_flops_per_image
 from rae_core.paths import Paths
 from rae_core.plots import LossCurve
 from rae_core.store import atomic_save
+from rae_core.throughput import figures, peak_flops, report
 from rae_core.train.common import (
     EMA,
     Checkpointer,
@@ -82,6 +85,9 @@ def train_loop(config: dict) -> dict:
     cfg, paths, run_dir = from_dict(config["cfg"]), Paths.at(config["root"]), Path(config["run_dir"])
     rank, world, device = worker_setup(cfg)
     d = cfg.generator
+    # AutoGuidance's weak model trains under its own name, into its own folder
+    stage = config.get("stage", "train-generator")
+    out_dir = Path(config.get("out_dir") or paths.generator_dir)
     torch.manual_seed(cfg.seed)
     encoder = load_encoder(cfg, paths, device)
     stats = load_stats(cfg, paths, encoder)
@@ -94,14 +100,14 @@ def train_loop(config: dict) -> dict:
     # fused AdamW on the GPU: one kernel for all parameters (measured +10% step speed at XL)
     opt = torch.optim.AdamW(model.parameters(), lr=d.lr, betas=tuple(d.betas),
                             weight_decay=d.weight_decay, fused=device.type == "cuda")
-    metrics = MetricsLog(paths.metrics_log("train-generator"), enabled=rank == 0)
-    ckpt = Checkpointer(run_dir, config["fingerprint"], "train-generator")
+    metrics = MetricsLog(paths.metrics_log(stage), enabled=rank == 0)
+    ckpt = Checkpointer(run_dir, config["fingerprint"], stage)
     states = {"model": model, "ema": ema.model, "opt": opt}
     start = ckpt.resume(**states)
     if start:
         metrics.event(start, f"resumed at step {start}")
-    curve = LossCurve(paths, "train-generator", run_dir, start, enabled=rank == 0)
-    guard = NonFiniteGuard("train-generator", "generator", d.nonfinite_patience, ckpt, states,
+    curve = LossCurve(paths, stage, run_dir, start, enabled=rank == 0)
+    guard = NonFiniteGuard(stage, "generator", d.nonfinite_patience, ckpt, states,
                            metrics, curve, bf16=d.precision == "bf16", world=world)
     loss_fn = objective(cfg, latent_shape)
     net = model
@@ -113,6 +119,7 @@ def train_loop(config: dict) -> dict:
         net = torch.compile(net)
     decoder = None  # loaded at the first preview grid: train-decoder may run alongside
     step_loss = torch.full((), float("nan"))  # stays NaN only when resuming a finished run
+    t0 = time.perf_counter()
     for step in guard.steps(start, d.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
@@ -154,14 +161,20 @@ def train_loop(config: dict) -> dict:
                 path = _sample_grid(cfg, ema.model, decoder, stats, latent_shape, done, run_dir)
                 metrics.artifact(done, path)
     curve.write()
+    seconds = time.perf_counter() - t0
     shift = latent_shift(cfg, latent_shape) if d.kind == "flow" else None
     summary = {"steps": d.steps, "resumed_at": start, "shift": shift,
                "final_loss": float(step_loss), "params": sum(p.numel() for p in model.parameters())}
+    # the registry counts DiT / DiT-DH FLOPs (forward + backward ~ 3x forward); not VAR / HART
+    flops = 3 * model_flops_per_image(d.model, latent_shape[0], latent_shape[1],
+                                      **d.overrides()) \
+        if d.kind != "hart" and peak_flops(device) else None
+    summary.update(figures((d.steps - start) * d.batch_size, seconds, flops, device, world))
     if rank == 0:
-        paths.generator_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         atomic_save({"model": ema.model.state_dict(), "step": d.steps, "name": d.model,
                      "overrides": cfg.generator.overrides(), "latent_shape": list(latent_shape),
-                     "shift": shift, **meta}, paths.generator_dir / "ema.pt")
+                     "shift": shift, **meta}, out_dir / "ema.pt")
     return summary
 
 
@@ -207,8 +220,10 @@ def checkpoint_dir(cfg: Config, paths: Paths) -> Path:
     return paths.checkpoints / f"train-generator-{cfg.fingerprint(*SECTIONS)}"
 
 
-def run(cfg: Config, paths: Paths) -> dict:
-    """The stage: fit on Ray, keyed by the configuration so a re-run resumes."""
+def run(cfg: Config, paths: Paths, stage: str = "train-generator",
+        out_dir: Path | None = None) -> dict:
+    """The stage: fit on Ray, keyed by the configuration so a re-run resumes; the EMA model
+    goes to out_dir/ema.pt (models/generator/ when None)."""
     from rae_core.generator import SECTIONS
     from rae_core.train.runner import fit
 
@@ -216,7 +231,8 @@ def run(cfg: Config, paths: Paths) -> dict:
     run_dir = checkpoint_dir(cfg, paths)
     run_dir.mkdir(parents=True, exist_ok=True)
     loop_cfg = {"cfg": cfg.to_dict(), "root": str(paths.root), "run_dir": str(run_dir),
-                "fingerprint": fp}
+                "fingerprint": fp, "stage": stage, "out_dir": str(out_dir or paths.generator_dir)}
     summary = fit(f"train-generator-{fp}", train_loop, loop_cfg, cfg, paths.ray_storage)
     summary["checkpoint_dir"] = str(run_dir)
+    report(stage, summary)
     return summary

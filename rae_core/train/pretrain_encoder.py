@@ -87,8 +87,9 @@ def run(cfg: Config, paths: Paths) -> dict:
 
     paths.encoder_dir.mkdir(parents=True, exist_ok=True)
     if not needs_pretraining(cfg):
-        info = {"skipped": True, "reason": f"encoder {cfg.encoder.name} uses pretrained weights "
-                f"({cfg.encoder.weights or 'local hub cache'})"}
+        weights = "keeps its untrained weights (encoder.random_init)" if cfg.encoder.random_init \
+            else f"uses pretrained weights ({cfg.encoder.weights or 'local hub cache'})"
+        info = {"skipped": True, "reason": f"encoder {cfg.encoder.name} {weights}"}
         write_json(paths.encoder_dir / "summary.json", info)
         write_empty(paths, "pretrain-encoder")
         return info
