@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rae_core.errors import ConfigError
+from rae_core.train.sampler import per_sample
 
 NoiseLaw = Literal["paper", "reference"]
 
@@ -146,23 +147,29 @@ class ViTDecoder(nn.Module):
         """The output projection's weight (p*p*3, D): where the adaptive GAN weight is measured."""
         return self.head.weight
 
-    def noise_augment(self, z: Tensor) -> Tensor:
+    def noise_augment(self, z: Tensor, generator=None) -> Tensor:
         """z + sigma * eps, one sigma per sample: |N(0, tau^2)| (paper) or tau * U(0, 1)
-        (reference code)."""
+        (reference code). With a generator (or a BatchDraws) drawn on the CPU, else on z's
+        device from the global generator."""
         b = z.shape[0]
-        if self.noise_law == "paper":
-            sigma = torch.randn(b, device=z.device).abs() * self.noise_tau
+        if generator is None:
+            sigma = torch.randn(b, device=z.device).abs() if self.noise_law == "paper" else \
+                torch.rand(b, device=z.device)
+            eps = torch.randn_like(z)
         else:
-            sigma = torch.rand(b, device=z.device) * self.noise_tau
-        return z + sigma.to(z.dtype).view(b, 1, 1, 1) * torch.randn_like(z)
+            law = torch.randn if self.noise_law == "paper" else torch.rand
+            sigma = per_sample(generator, b, lambda m, g: law(m, generator=g)).abs().to(z.device)
+            eps = per_sample(generator, b, lambda m, g: torch.randn(m, *z.shape[1:], generator=g))
+        sigma = sigma * self.noise_tau
+        return z + sigma.to(z.dtype).view(b, 1, 1, 1) * eps.to(z.device, z.dtype)
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, generator=None) -> Tensor:
         """Raw (unnormalised) latents (B, C, h, w) -> images (B, 3, h*p, w*p) in [0, 1]-space."""
         if z.shape[1:] != self.latent_shape:
             raise ValueError(f"decoder expects latents of shape {self.latent_shape}, "
                              f"got {tuple(z.shape[1:])}")
         if self.training and self.noise_tau > 0:
-            z = self.noise_augment(z)
+            z = self.noise_augment(z, generator)
         b, _, h, w = z.shape
         x = self.embed(z.flatten(2).transpose(1, 2))  # (B, N, D)
         x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1) + self.pos_embed

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from rae_core.decoder import Block, ViTDecoder, init_vit_weights, sincos_pos_embed_2d
 from rae_core.errors import ConfigError, DataError, RaeError, WeightsMissingError
+from rae_core.train.sampler import per_sample
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +274,7 @@ class TinyMAE(Encoder):
         x = self.prepare(images)
         b, n, d = x.shape[0], self.pos_embed.shape[1], self.latent_shape[0]
         n_keep = max(1, int(n * (1 - mask_ratio)))
-        noise = torch.rand(b, n, generator=generator).to(x.device)  # CPU generator, any device
+        noise = per_sample(generator, b, lambda m, g: torch.rand(m, n, generator=g)).to(x.device)
         keep = noise.argsort(dim=1)[:, :n_keep]  # a random subset per sample
         visible = self.norm(self._hidden(x, keep))[:, 1:]  # (B, n_keep, D)
         full = self.mask_token.expand(b, n, d).scatter(1, keep.unsqueeze(-1).expand(-1, -1, d),

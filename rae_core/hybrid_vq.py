@@ -35,6 +35,7 @@ from rae_core.encoders import Encoder as FrozenEncoder
 from rae_core.encoders import file_fingerprint
 from rae_core.errors import ConfigError, DataError, WeightsMissingError
 from rae_core.quantize import MultiScaleQuantizer, QuantOutput
+from rae_core.train.sampler import per_sample
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +275,10 @@ class HybridTokenizer(nn.Module):
         is per sample (HART's code draws one per batch), so every batch trains both."""
         f = self.encode(x)
         q = self.quantizer(f)
-        device = generator.device if generator is not None else x.device
-        hybrid = (torch.rand(x.shape[0], generator=generator, device=device)
+        def draw(m: int, g: torch.Generator | None) -> torch.Tensor:
+            return torch.rand(m, generator=g, device=g.device if g is not None else x.device)
+
+        hybrid = (per_sample(generator, x.shape[0], draw)
                   < hybrid_prob).to(x.device)  # rand < 0 never, rand < 1 always
         residual = (f - q.f_hat).detach()  # what the tokens miss; f_hat carries the gradient
         latent = q.f_hat + hybrid.view(-1, 1, 1, 1) * residual  # hybrid rows: f itself
@@ -383,12 +386,14 @@ class TokenizerDecoder(nn.Module):
         """f -> the sum of its discrete scales (what the tokens alone give)."""
         return f - self.quantizer.residual(f)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, generator=None) -> torch.Tensor:
         if z.shape[1:] != self.latent_shape:
             raise ValueError(f"decoder expects latents of shape {self.latent_shape}, "
                              f"got {tuple(z.shape[1:])}")
         if self.training:
-            hybrid = torch.rand(z.shape[0], device=z.device) < self.hybrid_prob  # (B,)
+            draw = per_sample(generator, z.shape[0], lambda m, g: torch.rand(m, generator=g)) \
+                if generator is not None else torch.rand(z.shape[0], device=z.device)
+            hybrid = draw.to(z.device) < self.hybrid_prob  # (B,)
             z = torch.where(hybrid.view(-1, 1, 1, 1), z, self.discrete(z))
         return self.decoder(self.post_quant_conv(z)) * 0.5 + 0.5
 

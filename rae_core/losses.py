@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rae_core.errors import WeightsMissingError
+from rae_core.train.sampler import per_sample
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +79,16 @@ def generator_loss(fake_logits: Tensor) -> Tensor:
 
 
 def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer_weight: Tensor,
-                        max_weight: float = 1e4) -> Tensor:
+                        max_weight: float = 1e4, average=None) -> Tensor:
     """lambda = ||grad_W L_rec|| / (||grad_W L_gan|| + 1e-6), clamped to [0, max_weight] and
-    detached; W is the decoder's last layer. Norms in fp32, outside autocast."""
+    detached; W is the decoder's last layer. Norms in fp32, outside autocast. `average` maps a
+    rank's gradient to the global batch's (the mean over data-parallel ranks), so that every
+    rank weighs the GAN loss alike."""
     with torch.autocast(device_type=last_layer_weight.device.type, enabled=False):
         g_rec = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)[0]
         g_gan = torch.autograd.grad(gan_loss, last_layer_weight, retain_graph=True)[0]
+        if average is not None:
+            g_rec, g_gan = average(g_rec), average(g_gan)
         weight = g_rec.float().norm() / (g_gan.float().norm() + 1e-6)
     return weight.clamp(0.0, max_weight).detach()
 
@@ -94,16 +99,20 @@ def diff_augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     b, _, h, w = x.shape
 
     def rand(*shape: int) -> Tensor:  # drawn on the CPU so one generator serves any device
-        return torch.rand(*shape, generator=generator).to(x.device, x.dtype)
+        return per_sample(generator, b, lambda m, g: torch.rand(m, *shape, generator=g)
+                          ).to(x.device, x.dtype)
 
-    x = x + (rand(b, 1, 1, 1) - 0.5)  # brightness
+    def shift(s: int) -> Tensor:
+        return per_sample(generator, b, lambda m, g: torch.randint(-s, s + 1, (m, 1), generator=g)
+                          ).to(x.device)
+
+    x = x + (rand(1, 1, 1) - 0.5)  # brightness
     mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (rand(b, 1, 1, 1) * 2) + mean  # saturation
+    x = (x - mean) * (rand(1, 1, 1) * 2) + mean  # saturation
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * (rand(b, 1, 1, 1) + 0.5) + mean  # contrast
+    x = (x - mean) * (rand(1, 1, 1) + 0.5) + mean  # contrast
     sy, sx = int(h * 0.125 + 0.5), int(w * 0.125 + 0.5)
-    dy = torch.randint(-sy, sy + 1, (b, 1), generator=generator).to(x.device)
-    dx = torch.randint(-sx, sx + 1, (b, 1), generator=generator).to(x.device)
+    dy, dx = shift(sy), shift(sx)  # (B, 1) each
     rows = torch.arange(h, device=x.device) + sy - dy  # (B, H) source rows in the padded image
     cols = torch.arange(w, device=x.device) + sx - dx  # (B, W)
     padded = F.pad(x, (sx, sx, sy, sy))

@@ -23,6 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from rae_core.errors import DataError
+from rae_core.train.sampler import per_sample
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ class ImageSource:
         """Images (B, 3, R, R) in [0, 1], each mirrored with probability 1/2 where `flip`."""
         x = to_unit(x)
         if flip:
-            f = torch.rand(len(x), generator=generator) < 0.5
+            f = per_sample(generator, len(x), lambda m, g: torch.rand(m, generator=g)) < 0.5
             x = torch.where(f[:, None, None, None], x.flip(-1), x)
         return x, y
 

@@ -17,6 +17,7 @@ import torch
 
 from rae_core.errors import DataError
 from rae_core.store import safe_load, verify
+from rae_core.train.sampler import per_sample
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,8 @@ class ShardSource:
         return out
 
     def get(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        flip = torch.randint(0, 2, (len(idx),), generator=generator) if self.hflip else \
-            torch.zeros(len(idx), dtype=torch.long)
+        flip = per_sample(generator, len(idx), lambda m, g: torch.randint(0, 2, (m,), generator=g)) \
+            if self.hflip else torch.zeros(len(idx), dtype=torch.long)
         z = self.gather(idx, flip).float()  # (B, C, H, W)
         return self.stats.normalize(z), self.labels[idx]
 
@@ -112,7 +113,8 @@ class OnlineSource:
     def finish(self, images: torch.Tensor, labels: torch.Tensor,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.device)
-        flip = (torch.rand(len(images), generator=generator) < 0.5) & self.hflip
+        flip = (per_sample(generator, len(images), lambda m, g: torch.rand(m, generator=g)) < 0.5) \
+            & self.hflip
         images[flip.to(self.device)] = images[flip.to(self.device)].flip(-1)
         z = self.encoder.encode(images)
         return self.stats.normalize(z), labels

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rae_core.errors import DataError, RaeError
+from rae_core.errors import ConfigError, DataError, RaeError
 from rae_core.plots import LossCurve
 from rae_core.store import atomic_save, checksum_path, safe_load, verify
 
@@ -162,12 +162,51 @@ def warmup_constant_linear(step: int, base_lr: float, min_lr: float, warmup: int
     return base_lr + (min_lr - base_lr) * progress
 
 
-def average_gradients(module: nn.Module, world: int) -> None:
-    """Average every parameter's gradient over the data-parallel ranks (no-op on one)."""
+def local_batch(batch: int, world: int, key: str) -> int:
+    """Each rank's share of the global batch `batch` (config key `key`): W workers train on the
+    same global batches as one, so the batch must split evenly."""
+    if batch % world:
+        raise ConfigError(f"{key}={batch} does not split over ray.num_workers={world}; use a "
+                          f"multiple of {world}")
+    return batch // world
+
+
+class Objective(nn.Module):
+    """`fn(module, *args)` as the forward of a module holding `module` (its parameters under
+    `module.`): DDP averages gradients only of what runs through its wrapped forward, and a
+    loss such as MAE's is a method, not the forward."""
+
+    def __init__(self, module: nn.Module, fn):
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(self.module, *args, **kwargs)
+
+
+def data_parallel(module: nn.Module, world: int, device: torch.device,
+                  find_unused_parameters: bool = False) -> nn.Module:
+    """`module` in DistributedDataParallel over the Ray Train workers' process group (gloo on
+    the CPU, nccl on GPUs), or itself on one worker. Wrapping broadcasts rank 0's parameters
+    and buffers, so every rank starts from the same weights; backward then averages the
+    gradients (bucketed, overlapping the backward pass). Optimisers, EMA and checkpoints keep
+    using `module` itself, so its state_dict keys are the same whatever the worker count."""
+    if world == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
+                                   else None, find_unused_parameters=find_unused_parameters)
+
+
+def global_mean(t: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of `t` over the ranks (itself on one): a per-rank mean over equal shares of
+    the batch becomes the global batch's mean."""
     if world > 1:
-        for p in module.parameters():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+        t = t.detach().clone()
+        torch.distributed.all_reduce(t)  # a sum: gloo has no ReduceOp.AVG
+        t /= world
+    return t
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -9,6 +9,7 @@ layer is computed in fp32 outside autocast.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -28,12 +29,14 @@ from rae_core.train.common import (
     Checkpointer,
     MetricsLog,
     NonFiniteGuard,
-    average_gradients,
+    data_parallel,
+    global_mean,
     grad_norm,
+    local_batch,
     set_lr,
     warmup_cosine,
 )
-from rae_core.train.sampler import step_seed
+from rae_core.train.sampler import BatchDraws, step_seed
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,12 @@ def save_decoder(cfg: Config, paths: Paths, encoder, decoder, summary: dict) -> 
 
 
 def train_loop(config: dict) -> dict:
+    """One worker's loop. On W workers the decoder and the discriminator are each a DDP module
+    with its own optimiser; each rank trains on its 1/W of the same global batch with the
+    decoder noise, flips and DiffAug draws one worker would make for those samples
+    (BatchDraws), and the adaptive GAN weight is measured on the global batch's last-layer
+    gradients, so W workers reach one worker's weights up to float rounding. Rank 0
+    checkpoints, evaluates and writes the EMA decoder."""
     from rae_core.discriminator import build_discriminator
     from rae_core.images import grid, save_png
     from rae_core.losses import (
@@ -88,6 +97,7 @@ def train_loop(config: dict) -> dict:
     cfg, paths, run_dir = from_dict(config["cfg"]), Paths.at(config["root"]), Path(config["run_dir"])
     rank, world, device = worker_setup(cfg)
     d, g = cfg.decoder, cfg.decoder.gan
+    local_batch(d.batch_size, world, "decoder.batch_size")
     torch.manual_seed(cfg.seed)
     source = step_loader(ImageSource(paths.dataset(cfg.data.root), "train", cfg.data.resolution,
                                      cfg.data.max_in_memory), cfg, device, d.batch_size, d.steps,
@@ -111,40 +121,44 @@ def train_loop(config: dict) -> dict:
     curve = LossCurve(paths, "train-decoder", run_dir, start, enabled=rank == 0)
     guard = NonFiniteGuard("train-decoder", "decoder", d.nonfinite_patience, ckpt, states,
                            metrics, curve, world=world)
+    # Each its own DDP module with its own optimiser. The generator's loss uses the plain
+    # discriminator: the gradients it leaves there are discarded, so nothing to average.
+    net, disc_net = data_parallel(decoder, world, device), data_parallel(disc, world, device)
+    noise_draws = "generator" in inspect.signature(decoder.forward).parameters
+    average = (lambda grad: global_mean(grad, world)) if world > 1 else None
     zero = torch.zeros((), device=device)
     t0 = time.perf_counter()
     for step in guard.steps(start, d.steps):
-        torch.manual_seed(step_seed(cfg.seed, step, rank))
-        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
-        x, _ = source.get(step, gen)
+        torch.manual_seed(step_seed(cfg.seed, step, rank))  # anything drawn without `draws`
+        draws = BatchDraws(cfg.seed, step, rank, world)
+        x, _ = source.get(step, draws)
         x = x.to(device)
         with torch.no_grad():
             z = encoder.encode(x)
         decoder.train()
-        rec = decoder(z)
+        rec = net(z, generator=draws) if noise_draws else net(z)
         l1 = (rec - x).abs().mean()
         lp = lpips(rec, x).mean() if lpips is not None else torch.zeros((), device=device)
         rec_loss = l1 + d.lpips_weight * lp
         gan_loss, lam = torch.zeros((), device=device), torch.zeros((), device=device)
         if step >= g.gen_start_step and g.weight > 0:
-            fake = diff_augment(rec) if g.diffaug else rec
+            fake = diff_augment(rec, draws) if g.diffaug else rec
             gan_loss = generator_loss(disc(fake))
-            lam = adaptive_gan_weight(rec_loss, gan_loss, decoder.last_layer_weight)
+            lam = adaptive_gan_weight(rec_loss, gan_loss, decoder.last_layer_weight,
+                                      average=average)
         loss = rec_loss + g.weight * lam * gan_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(decoder, world)
+        loss.backward()  # DDP averages the decoder's gradients
         # the discriminator's gradients too before any update: a step updates both or neither
         disc_step = step >= g.disc_start_step
         d_loss, d_norm = zero, zero
         if disc_step:
             real, fake = x, _quantise(rec.detach())
             if g.diffaug:
-                real, fake = diff_augment(real), diff_augment(fake)
-            d_loss = hinge_d_loss(disc(real), disc(fake))
+                real, fake = diff_augment(real, draws), diff_augment(fake, draws)
+            d_loss = hinge_d_loss(disc_net(real), disc_net(fake))
             opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            average_gradients(disc, world)
+            d_loss.backward()  # and here the discriminator's
             d_norm = grad_norm(disc)
         if not guard.finite(loss, grad_norm(decoder), d_loss, d_norm):
             guard.skip(step)

@@ -30,11 +30,14 @@ from rae_core.train.common import (
     Checkpointer,
     MetricsLog,
     NonFiniteGuard,
+    data_parallel,
+    global_mean,
+    local_batch,
     prune_snapshots,
     set_lr,
     warmup_constant_linear,
 )
-from rae_core.train.sampler import step_seed
+from rae_core.train.sampler import BatchDraws, step_seed
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,15 @@ def accumulate_gradients(net: torch.nn.Module, objective, batch: tuple[torch.Ten
 
 
 def train_loop(config: dict) -> dict:
-    """One Ray Train worker's loop; rank 0 checkpoints, logs and writes the EMA model."""
+    """One Ray Train worker's loop; rank 0 checkpoints, logs and writes the EMA model.
+
+    On W workers the generator is a DDP module: each rank trains on its 1/W of the same global
+    batch with the noise, times and flips one worker would draw for those samples
+    (BatchDraws), and gradient accumulation synchronises only its last micro-batch, so W
+    workers reach one worker's weights up to float rounding. Not yet so: draws made inside a
+    model from the global generator (the label dropout of the DiT family, VAR's and HART's
+    masks), which are drawn per rank. The EMA follows the unwrapped model.
+    """
     from rae_core.generator import (
         build_generator,
         checkpoint_meta,
@@ -88,6 +99,7 @@ def train_loop(config: dict) -> dict:
     # AutoGuidance's weak model trains under its own name, into its own folder
     stage = config.get("stage", "train-generator")
     out_dir = Path(config.get("out_dir") or paths.generator_dir)
+    local_batch(d.batch_size, world, "generator.batch_size")
     torch.manual_seed(cfg.seed)
     encoder = load_encoder(cfg, paths, device)
     stats = load_stats(cfg, paths, encoder)
@@ -110,23 +122,21 @@ def train_loop(config: dict) -> dict:
     guard = NonFiniteGuard(stage, "generator", d.nonfinite_patience, ckpt, states,
                            metrics, curve, bf16=d.precision == "bf16", world=world)
     loss_fn = objective(cfg, latent_shape)
-    net = model
-    if world > 1:
-        import ray.train.torch
-
-        net = ray.train.torch.prepare_model(model, move_to_device=False)
+    net = data_parallel(model, world, device)
     if d.compile and device.type == "cuda":
         net = torch.compile(net)
     decoder = None  # loaded at the first preview grid: train-decoder may run alongside
     step_loss = torch.full((), float("nan"))  # stays NaN only when resuming a finished run
     t0 = time.perf_counter()
     for step in guard.steps(start, d.steps):
-        torch.manual_seed(step_seed(cfg.seed, step, rank))
-        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
-        x, y = source.get(step, gen)
+        torch.manual_seed(step_seed(cfg.seed, step, rank))  # what models draw themselves
+        draws = BatchDraws(cfg.seed, step, rank, world)
+        x, y = source.get(step, draws)
         x, y = x.to(device), y.to(device)
-        noise = torch.randn(x.shape, generator=gen).to(device)
-        t = loss_fn.sample_time(len(x), generator=gen).to(device)
+        noise = draws.rows(len(x), lambda m, g, shape=x.shape[1:]: torch.randn(m, *shape,
+                                                                              generator=g))
+        noise = noise.to(device)
+        t = draws.rows(len(x), lambda m, g: loss_fn.sample_time(m, generator=g)).to(device)
         opt.zero_grad(set_to_none=True)
         step_loss = accumulate_gradients(net, loss_fn, (x, y, noise, t), d.grad_accum,
                                          distributed=world > 1, bf16=guard.bf16)
@@ -140,8 +150,7 @@ def train_loop(config: dict) -> dict:
         set_lr(opt, lr)
         opt.step()
         ema.update(model)
-        if world > 1:
-            torch.distributed.all_reduce(step_loss, op=torch.distributed.ReduceOp.AVG)
+        step_loss = global_mean(step_loss, world)
         done = step + 1
         if done % 10 == 0 or done == d.steps:
             terms = {k: float(v) for k, v in getattr(loss_fn, "terms", {}).items()}

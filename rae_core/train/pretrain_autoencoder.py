@@ -32,12 +32,15 @@ from rae_core.train.common import (
     Checkpointer,
     MetricsLog,
     NonFiniteGuard,
-    average_gradients,
+    Objective,
+    data_parallel,
+    global_mean,
     grad_norm,
+    local_batch,
     set_lr,
     warmup_cosine,
 )
-from rae_core.train.sampler import step_seed
+from rae_core.train.sampler import BatchDraws, per_sample, step_seed
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +56,14 @@ class KLRecipe:
     def last_layer_weight(self) -> torch.Tensor:
         return self.model.decoder.conv_out.weight
 
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """[0, 1] images -> (reconstruction in [0, 1]-space, regulariser, its metrics)."""
-        posterior = self.model.encode(x * 2 - 1).latent_dist
-        rec = self.model.decode(posterior.sample()).sample * 0.5 + 0.5
+    def reconstruct(self, model, x: torch.Tensor,
+                    draws: BatchDraws) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """[0, 1] images -> (reconstruction in [0, 1]-space, regulariser, its metrics), by
+        `model` (self.model); the posterior's sample draws its noise per sample from `draws`."""
+        posterior = model.encode(x * 2 - 1).latent_dist
+        eps = per_sample(draws, len(x), lambda m, g: torch.randn(m, *posterior.mean.shape[1:],
+                                                                  generator=g))
+        rec = model.decode(posterior.mean + posterior.std * eps.to(x.device)).sample * 0.5 + 0.5
         kl = posterior.kl().mean()  # nats per image, summed over the latent
         return rec, self.cfg.autoencoder.kl_weight * kl / x[0].numel(), {"kl": kl.item()}
 
@@ -84,8 +91,9 @@ class VQRecipe:
     def last_layer_weight(self) -> torch.Tensor:
         return self.model.decoder.conv_out.weight
 
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        out = self.model(x * 2 - 1)
+    def reconstruct(self, model, x: torch.Tensor,
+                    draws: BatchDraws) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        out = model(x * 2 - 1, generator=draws)
         usage = {"vq_loss": out.vq_loss.item(), "perplexity": float(out.perplexity),
                  "dead_codes": out.dead_codes}
         return out.reconstruction * 0.5 + 0.5, out.vq_loss, usage
@@ -103,6 +111,11 @@ class VQRecipe:
 
 
 def train_loop(config: dict) -> dict:
+    """One worker's loop. On W workers the autoencoder and the discriminator are each a DDP
+    module; each rank trains on its 1/W of the same global batch with the posterior noise,
+    hybrid choices, flips and augmentations one worker would draw for those samples
+    (BatchDraws), and the adaptive GAN weight is measured on the global batch's gradients, so
+    W workers reach one worker's weights up to float rounding; rank 0 checkpoints."""
     from rae_core.discriminator import build_discriminator
     from rae_core.images import grid, save_png
     from rae_core.losses import (
@@ -118,6 +131,7 @@ def train_loop(config: dict) -> dict:
     cfg, paths, run_dir = from_dict(config["cfg"]), Paths.at(config["root"]), Path(config["run_dir"])
     rank, world, device = worker_setup(cfg)
     p, d, g = cfg.encoder.pretrain, cfg.decoder, cfg.decoder.gan
+    local_batch(p.batch_size, world, "encoder.pretrain.batch_size")
     torch.manual_seed(cfg.seed)
     root = paths.dataset(cfg.data.root)
     source = step_loader(ImageSource(root, "train", cfg.data.resolution, cfg.data.max_in_memory),
@@ -144,35 +158,39 @@ def train_loop(config: dict) -> dict:
     curve = LossCurve(paths, "pretrain-encoder", run_dir, start, enabled=rank == 0)
     guard = NonFiniteGuard("pretrain-encoder", "encoder.pretrain", p.nonfinite_patience, ckpt,
                            states, metrics, curve, world=world)
+    # the generator's loss uses the plain discriminator: the gradients it leaves there are
+    # discarded, so nothing to average
+    net = data_parallel(Objective(model, recipe.reconstruct), world, device)
+    disc_net = data_parallel(disc, world, device) if use_gan else None
+    average = (lambda grad: global_mean(grad, world)) if world > 1 else None
     zero = torch.zeros((), device=device)
     for step in guard.steps(start, p.steps):
-        torch.manual_seed(step_seed(cfg.seed, step, rank))  # also draws the posterior sample
-        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
-        x, _ = source.get(step, gen)
+        torch.manual_seed(step_seed(cfg.seed, step, rank))  # anything drawn without `draws`
+        draws = BatchDraws(cfg.seed, step, rank, world)
+        x, _ = source.get(step, draws)
         x = x.to(device)
-        rec, reg, reg_metrics = recipe.reconstruct(x)
+        rec, reg, reg_metrics = net(x, draws)
         l1 = (rec - x).abs().mean()
         lp = lpips(rec, x).mean() if lpips is not None else zero
         rec_loss = l1 + d.lpips_weight * lp
         gan_loss, lam = zero, zero
         if use_gan and step >= g.gen_start_step:
-            gan_loss = generator_loss(disc(diff_augment(rec) if g.diffaug else rec))
-            lam = adaptive_gan_weight(rec_loss, gan_loss, recipe.last_layer_weight())
+            gan_loss = generator_loss(disc(diff_augment(rec, draws) if g.diffaug else rec))
+            lam = adaptive_gan_weight(rec_loss, gan_loss, recipe.last_layer_weight(),
+                                      average=average)
         loss = rec_loss + reg + g.weight * lam * gan_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(model, world)
+        loss.backward()  # DDP averages the autoencoder's gradients
         # the discriminator's gradients too before any update: a step updates both or neither
         disc_step = use_gan and step >= g.disc_start_step
         d_loss, d_norm = zero, zero
         if disc_step:
             real, fake = x, rec.detach().clamp(0, 1).mul(255).round().div(255)  # as saved
             if g.diffaug:
-                real, fake = diff_augment(real), diff_augment(fake)
-            d_loss = hinge_d_loss(disc(real), disc(fake))
+                real, fake = diff_augment(real, draws), diff_augment(fake, draws)
+            d_loss = hinge_d_loss(disc_net(real), disc_net(fake))
             opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            average_gradients(disc, world)
+            d_loss.backward()  # and here the discriminator's
             d_norm = grad_norm(disc)
         if not guard.finite(loss, grad_norm(model), d_loss, d_norm):
             guard.skip(step)

@@ -18,23 +18,29 @@ from rae_core.train.common import (
     Checkpointer,
     MetricsLog,
     NonFiniteGuard,
-    average_gradients,
+    Objective,
+    data_parallel,
     grad_norm,
+    local_batch,
     set_lr,
     warmup_cosine,
 )
-from rae_core.train.sampler import step_seed
+from rae_core.train.sampler import BatchDraws, step_seed
 
 log = logging.getLogger(__name__)
 
 
 def train_loop(config: dict) -> dict:
+    """One worker's loop. On W workers (DDP) each rank trains on its 1/W of the same global
+    batch, with the masks and flips that one worker would draw for those samples (BatchDraws),
+    so W workers reach one worker's weights up to float rounding; rank 0 checkpoints."""
     from rae_core.encoders import build_encoder
     from rae_core.train.runner import worker_setup
 
     cfg, paths, run_dir = from_dict(config["cfg"]), Paths.at(config["root"]), Path(config["run_dir"])
     rank, world, device = worker_setup(cfg)
     p = cfg.encoder.pretrain
+    local_batch(p.batch_size, world, "encoder.pretrain.batch_size")
     torch.manual_seed(cfg.seed)
     source = step_loader(ImageSource(paths.dataset(cfg.data.root), "train", cfg.data.resolution,
                                      cfg.data.max_in_memory), cfg, device, p.batch_size, p.steps,
@@ -52,15 +58,15 @@ def train_loop(config: dict) -> dict:
     curve = LossCurve(paths, "pretrain-encoder", run_dir, start, enabled=rank == 0)
     guard = NonFiniteGuard("pretrain-encoder", "encoder.pretrain", p.nonfinite_patience, ckpt,
                            states, metrics, curve, world=world)
+    net = data_parallel(Objective(mae, lambda m, *a, **k: m.mae_loss(*a, **k)), world, device)
     loss = torch.zeros(())
     for step in guard.steps(start, p.steps):
-        torch.manual_seed(step_seed(cfg.seed, step, rank))
-        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
-        x, _ = source.get(step, gen)
-        loss = mae.mae_loss(x.to(device), mask_ratio=p.mask_ratio)
+        torch.manual_seed(step_seed(cfg.seed, step, rank))  # anything drawn without `draws`
+        draws = BatchDraws(cfg.seed, step, rank, world)
+        x, _ = source.get(step, draws)
+        loss = net(x.to(device), mask_ratio=p.mask_ratio, generator=draws)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(mae, world)  # same initial weights on every rank (same seed)
+        loss.backward()  # DDP averages the gradients
         if not guard.finite(loss, grad_norm(mae)):
             guard.skip(step)
             continue

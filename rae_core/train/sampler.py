@@ -33,6 +33,32 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + step) * 1009 + rank
 
 
+class BatchDraws:
+    """The per-sample randomness of one step's global batch, of which this rank keeps its rows.
+
+    Every rank draws the whole global batch's values from one generator seeded by (seed, step)
+    alone, in the same order, and keeps rows [rank * n, (rank + 1) * n): sample i of the global
+    batch gets the same draw whatever the worker count, so W workers compute what one would.
+    Drawn on the CPU; the callers move what they draw to their device.
+    """
+
+    def __init__(self, seed: int, step: int, rank: int = 0, world: int = 1):
+        self.generator = torch.Generator().manual_seed(step_seed(seed, step))
+        self.rank, self.world = rank, world
+
+    def rows(self, n: int, draw) -> torch.Tensor:
+        """This rank's n rows of draw(m, generator), a draw of the global m = n x world rows."""
+        return draw(n * self.world, self.generator)[self.rank * n:(self.rank + 1) * n]
+
+
+def per_sample(generator, n: int, draw) -> torch.Tensor:
+    """n rows of draw(m, g): under a BatchDraws this rank's rows of the global batch's draw,
+    else draw(n, generator) itself (a torch.Generator or None)."""
+    if isinstance(generator, BatchDraws):
+        return generator.rows(n, draw)
+    return draw(n, generator)
+
+
 class StepBatchSampler(torch.utils.data.Sampler):
     """A DataLoader batch sampler yielding this rank's indices from `start_step` to `steps`."""
 
