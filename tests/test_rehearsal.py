@@ -138,3 +138,30 @@ def test_mfu_needs_a_known_peak(monkeypatch):
         50e12 / (2 * 989e12))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Some GPU")
     assert "mfu" not in figures(100, 2.0, 1e12, "cuda:0")
+
+
+def test_a_random_init_encoder_is_the_same_in_every_process():
+    """Stats, extract and the training stages each build the encoder: seeded, they agree."""
+    from rae_core.autoencoder import latent_shape, load_encoder
+    from rae_core.paths import Paths
+
+    cfg = load_config(None, "rehearsal", ["encoder.depth=1", "encoder.width=64",
+                                          "encoder.heads=2"])
+    a, b = (load_encoder(cfg, Paths.at(".")) for _ in range(2))
+    assert a.input_size == 224  # 256 px resized for patch 14: still a 16x16 grid
+    x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    za = a.encode(x)
+    assert za.shape == (2, 64, 16, 16) and latent_shape(cfg) == (64, 16, 16)
+    assert torch.equal(za, b.encode(x))
+    assert a.weights_label == "random depth=1 embed_dim=64 num_heads=2"
+
+
+def test_decoder_overrides_shrink_the_registered_vit():
+    from rae_core.decoder import build_decoder
+
+    dec = build_decoder("ViT-XL", 64, 16, 16, (0.5,) * 3, (0.5,) * 3, width=64, depth=1,
+                        heads=2)
+    assert len(dec.blocks) == 1
+    assert dec(torch.zeros(1, 64, 16, 16)).shape == (1, 3, 256, 256)
+    full = build_decoder("ViT-XL", 64, 16, 16, (0.5,) * 3, (0.5,) * 3, depth=1)
+    assert len(full.blocks) == 1 and full.pos_embed.shape[-1] == 1152  # width kept
