@@ -338,5 +338,8 @@ def _log_to_file(path: Path) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] != ["serve"] or len(sys.argv) != 4:
         sys.exit("usage: python -m flows.driver serve ROOT ADDRESS")
-    _log_to_file(Path(os.environ["PREFECT_HOME"]) / "services" / "driver.log")
-    serve(Path(sys.argv[2]), sys.argv[3])
+    # run as flows.driver, not __main__: cli's `driver.ending` must see this module's command
+    from flows import driver
+
+    driver._log_to_file(Path(os.environ["PREFECT_HOME"]) / "services" / "driver.log")
+    driver.serve(Path(sys.argv[2]), sys.argv[3])

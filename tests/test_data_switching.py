@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flows import services
 from rae_core import provenance
 from rae_core.data.folder import ImageFolderDataset
 from rae_core.errors import DataError
@@ -212,8 +213,13 @@ def test_rae_stage_refuses_inputs_of_another_preset_before_anything_starts(tmp_p
     (line,) = res.stderr.strip().splitlines()
     assert line.startswith("rae: error: models/encoder: made under preset tiny")
     assert line.endswith("`rae run --preset smoke --set generator.steps=5 --until extract`")
-    assert not (tmp_path / ".prefect").exists() and not (tmp_path / "mlflow.db").exists()
-    assert not provenance.record_path(Paths.at(tmp_path), "train-generator").exists()
+    home = tmp_path / ".prefect"
+    try:  # the project's driver answered, and started nothing more
+        assert not {"prefect", "ray"} & set(services.read(home)), services.read(home)
+        assert not (tmp_path / "mlflow.db").exists()
+        assert not provenance.record_path(Paths.at(tmp_path), "train-generator").exists()
+    finally:
+        services.stop_all(home)
 
 
 @pytest.mark.e2e

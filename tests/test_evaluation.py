@@ -25,6 +25,7 @@ from rae_core.metrics import (
     DomainClassifier,
     FeatureStats,
     class_accuracy,
+    classifier_id,
     fid_from_features,
     inception_score,
     precision_recall,
@@ -188,6 +189,7 @@ def test_run_matches_the_whole_split_computation(folder, tmp_path, monkeypatch):
     recs = (val * 0.9).round(decimals=2)
     prec, rec = precision_recall(ext(train), ext(fake), k=cfg.evaluate.pr_k)
     assert m.pop("extractor") == "flat" and m.pop("reference") == "train split"
+    assert m.pop("eval_images_per_s") > 0
     assert m == pytest.approx({
         "fid": fid_from_features(ext(train), ext(fake)), "precision": prec, "recall": rec,
         "num_samples": 30,
@@ -215,3 +217,20 @@ def test_samples_npz_has_the_layout_adms_evaluator_reads(tmp_path):
     back, back_labels = load_samples(tmp_path / "samples.npz")
     np.testing.assert_array_equal(back_labels, labels)
     assert list(tmp_path.iterdir()) == [tmp_path / "samples.npz"]
+
+
+def test_the_domain_classifier_does_not_depend_on_the_thread_count(digits_root, tmp_path):
+    """Its weights are the FID's feature space: trained on 1 or 2 threads they differed (and
+    so did the FID), whichever process evaluates."""
+    cfg = load_config(None, "smoke", [f"data.root={digits_root}", "evaluate.classifier_epochs=1"])
+    threads = torch.get_num_threads()
+    names = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            clf = evaluation.domain_classifier(cfg, Paths.at(tmp_path / f"t{n}"))
+            names.append(classifier_id(clf))
+            assert torch.get_num_threads() == n  # the caller's count is given back
+    finally:
+        torch.set_num_threads(threads)
+    assert names[0] == names[1]
