@@ -35,6 +35,17 @@ def of(cfg) -> torch.device:
 
 
 @contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Torch on `n` intra-op threads inside the block; the caller's count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def autocast(device: torch.device, bf16: bool) -> Iterator[None]:
     """bf16 autocast on a GPU when asked; on the CPU nothing changes (fp32, as before)."""
     on = device.type if device.type == "cuda" else "cpu"  # meta (device tests) has no autocast

@@ -73,14 +73,10 @@ def domain_classifier(cfg: Config, paths: Paths):
     root = paths.dataset(cfg.data.root)
     train = load_split(root, "train", cfg.data.resolution)
     val = load_split(root, "val", cfg.data.resolution)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with devices.torch_threads(1):
         model, acc = train_domain_classifier(train[0], train[1], val[0], val[1],
                                              epochs=cfg.evaluate.classifier_epochs,
                                              batch_size=128, lr=2e-3, seed=cfg.seed)
-    finally:
-        torch.set_num_threads(threads)
     save_classifier(model, path, {"val_accuracy": acc, "dataset": _dataset_key(cfg)})
     return load_classifier(path)
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from rae_core import evaluation
 from rae_core.data.folder import iter_split, load_split
+from rae_core.device import torch_threads
 from rae_core.evaluation import (
     Reference,
     pr_stride,
@@ -223,14 +224,10 @@ def test_the_domain_classifier_does_not_depend_on_the_thread_count(digits_root, 
     """Its weights are the FID's feature space: trained on 1 or 2 threads they differed (and
     so did the FID), whichever process evaluates."""
     cfg = load_config(None, "smoke", [f"data.root={digits_root}", "evaluate.classifier_epochs=1"])
-    threads = torch.get_num_threads()
     names = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    for n in (1, 2):
+        with torch_threads(n):
             clf = evaluation.domain_classifier(cfg, Paths.at(tmp_path / f"t{n}"))
             names.append(classifier_id(clf))
             assert torch.get_num_threads() == n  # the caller's count is given back
-    finally:
-        torch.set_num_threads(threads)
     assert names[0] == names[1]
