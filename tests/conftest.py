@@ -22,6 +22,18 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray of this test process for a module's tests (never a cluster or a project's head
+    that the environment names), shut down after them."""
+    import ray
+
+    saved = {k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAE_LOCAL_RAY") if k in os.environ}
+    yield
+    ray.shutdown()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def one_thread():
     """Torch on one thread for a test of small tensors, where threads only add overhead."""

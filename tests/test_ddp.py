@@ -9,20 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from rae_core.device import torch_threads
 from rae_core.paths import Paths
 from rae_core.presets import load_config
 from rae_core.train import decoder, generator, pretrain_autoencoder, pretrain_encoder, runner
 
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    runner.ensure_ray(load_config(None, "smoke", ["ray.num_workers=2"]))
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +39,19 @@ def project(tmp_path_factory, digits_root):
 
 
 P = "encoder.pretrain"
-# stage: (loop, preset, overrides, modules, their optimisers)
+# stage: (loop, smoke-preset overrides, modules, their optimisers)
 STAGES = {
-    "mae": (pretrain_encoder.train_loop, "smoke",
+    "mae": (pretrain_encoder.train_loop,
             [f"{P}.steps={STEPS}", f"{P}.batch_size=16", f"{P}.ckpt_every=1"],
             ("model",), ("opt",)),
-    "vae": (pretrain_autoencoder.train_loop, "smoke",
+    "vae": (pretrain_autoencoder.train_loop,
             ["autoencoder.kind=vae", "encoder.name=vae-micro", f"{P}.steps={STEPS}",
              f"{P}.batch_size=16", f"{P}.ckpt_every=1"], ("model",), ("opt",)),
-    "decoder": (decoder.train_loop, "smoke",
+    "decoder": (decoder.train_loop,
                 [f"decoder.steps={STEPS}", "decoder.batch_size=16", "decoder.ckpt_every=1",
                  f"decoder.eval_every={STEPS}", "decoder.gan.disc_start_step=0",
                  "decoder.gan.gen_start_step=1"], ("model", "ema", "disc"), ("opt", "opt_d")),
-    "generator": (generator.train_loop, "smoke",
+    "generator": (generator.train_loop,
                   [f"generator.steps={STEPS}", "generator.batch_size=16", "generator.grad_accum=2",
                    "generator.ckpt_every=1", "generator.sample_every=1000",
                    "generator.label_dropout=0"], ("model", "ema"), ("opt",)),
@@ -68,10 +60,10 @@ STAGES = {
 
 def _config(project: Path, stage: str, workers: int) -> tuple[dict, object]:
     """The loop's config for `stage` on `workers` workers, in a copy of the project of its own."""
-    _, preset, overrides, _, _ = STAGES[stage]
+    _, overrides, _, _ = STAGES[stage]
     root = project.parent / f"{stage}-w{workers}"
     shutil.copytree(project, root, symlinks=True)
-    cfg = load_config(None, preset, ["data.root=dataset", f"ray.num_workers={workers}",
+    cfg = load_config(None, "smoke", ["data.root=dataset", f"ray.num_workers={workers}",
                                      *overrides])
     return {"cfg": cfg.to_dict(), "root": str(root), "run_dir": str(root / "ckpt"),
             "fingerprint": "test"}, cfg
@@ -114,13 +106,10 @@ def _same_as_one_worker(project: Path, two_workers: dict, stage: str) -> None:
     Adam moves every weight that has a gradient by about the learning rate, also one whose
     gradient is zero but for rounding (a bias before a normalisation), either way. A rank that
     trained on its own half alone is ~100% away."""
-    loop, _, _, modules, optimisers = STAGES[stage]
-    config, _ = _config(project, stage, 1)
-    threads = torch.get_num_threads()
-    try:
+    loop, _, modules, optimisers = STAGES[stage]
+    config, cfg = _config(project, stage, 1)
+    with torch_threads(cfg.ray.cpus_per_worker):  # the loop pins it; the test's count after
         loop(config)  # one worker: in this process
-    finally:
-        torch.set_num_threads(threads)
     before, one = _checkpoints(Path(config["run_dir"]))
     two = _checkpoints(two_workers[stage])[1]
     assert before["step"] == STEPS - 1 and one["step"] == two["step"] == STEPS

@@ -189,16 +189,6 @@ def test_a_worker_that_reserved_a_gpu_it_does_not_see_fails_in_one_line(project)
         stages._stats_shard(c, str(paths.root), 0, 8)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    saved = {k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAE_LOCAL_RAY") if k in os.environ}
-    yield
-    ray.shutdown()
-    os.environ.update(saved)
-
-
 def test_evaluate_runs_on_a_ray_worker_with_the_drivers_results(project, local_ray,
                                                                 monkeypatch):
     from rae_core.train import runner
