@@ -62,9 +62,7 @@ def domain_classifier(cfg: Config, paths: Paths):
     """The domain classifier of this dataset, trained once and kept as an artifact.
 
     Training holds both splits in memory: the domain extractor exists for the small shipped
-    datasets only (ImageNet runs use Inception). It runs on one CPU thread: the weights, and so
-    the FID's feature space, would otherwise depend on the thread count of the process that
-    trains them (2 threads gave another classifier than 1, and an FID 4 points apart).
+    datasets only (ImageNet runs use Inception).
     """
     path = (paths.reference_dir /
             f"classifier-{_dataset_key(cfg)}-e{cfg.evaluate.classifier_epochs}.pt")
@@ -73,10 +71,9 @@ def domain_classifier(cfg: Config, paths: Paths):
     root = paths.dataset(cfg.data.root)
     train = load_split(root, "train", cfg.data.resolution)
     val = load_split(root, "val", cfg.data.resolution)
-    with devices.torch_threads(1):
-        model, acc = train_domain_classifier(train[0], train[1], val[0], val[1],
-                                             epochs=cfg.evaluate.classifier_epochs,
-                                             batch_size=128, lr=2e-3, seed=cfg.seed)
+    model, acc = train_domain_classifier(train[0], train[1], val[0], val[1],
+                                         epochs=cfg.evaluate.classifier_epochs, batch_size=128,
+                                         lr=2e-3, seed=cfg.seed)
     save_classifier(model, path, {"val_accuracy": acc, "dataset": _dataset_key(cfg)})
     return load_classifier(path)
 

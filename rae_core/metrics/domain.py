@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from rae_core.device import torch_threads
 from rae_core.errors import WeightsMissingError
 from rae_core.metrics.features import as_float_images, batched
 
@@ -112,11 +113,14 @@ def train_domain_classifier(train_images: torch.Tensor | np.ndarray,
     """Train on CPU with AdamW and a cosine schedule; return the model and its val accuracy.
 
     The caller's global RNG state is left untouched (init and dropout draw from a forked one).
+    Training runs on one CPU thread: the weights, and so the FID's feature space, would
+    otherwise depend on the caller's thread count (2 threads gave another classifier than 1,
+    and an FID 4 points apart).
     """
     x, y = as_float_images(train_images), _labels(train_labels)
     num_classes = int(max(y.max().item(), _labels(val_labels).max().item())) + 1
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch_threads(1):
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         model = DomainClassifier(num_classes)
