@@ -65,15 +65,6 @@ def _link(target: Path, link: Path) -> None:
     link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=target.is_dir())
 
 
-def _yardstick(cfg: Config, paths: Paths) -> None:
-    """The domain classifier and reference features every evaluation scores with, computed once
-    before arms run side by side (evaluate caches them under models/reference)."""
-    from rae_core.evaluation import build_extractor, reference
-
-    extractor, _ = build_extractor(cfg, paths)
-    reference(cfg, paths, extractor)
-
-
 def _link_outputs(source: Path, paths: Paths) -> None:
     """Link what a root has produced into another project root."""
     for rel in ROOT_OUTPUTS:
@@ -97,7 +88,11 @@ def root_task(plan: Plan, root: Root, project: str, parent: str) -> None:
         for name in root.stages:
             run_stage(name, cfg, paths, run_id, register=False)
         if root == DATASET:
-            _yardstick(cfg, paths)
+            from rae_core.evaluation import yardstick
+
+            # evaluate caches it under models/reference: computed once, before arms run
+            # side by side
+            yardstick(cfg.to_dict(), str(paths.root))
     except BaseException as e:
         tracking.end_run(run_id, "FAILED", one_line(e))
         raise

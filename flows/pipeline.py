@@ -284,6 +284,27 @@ def _stage(name: str, cfg: Config, paths: Paths, parent: str | None, force: bool
     return out
 
 
+@task(cache_policy=NO_CACHE, name="evaluation-yardstick")
+def yardstick_task(cfg_dict: dict, root: str) -> None:
+    """evaluate's domain classifier and reference features, made on a Ray worker while the
+    encoder pretrains (one worker: the other core is idle there) rather than at the start of
+    evaluate, which waits for this task. If it fails, evaluate meets the cause and reports it."""
+    from rae_core.evaluation import yardstick
+    from rae_core.train.runner import run_on_worker
+
+    try:
+        run_on_worker(yardstick, cfg_dict, root, cfg=from_dict(cfg_dict))
+    except Exception as e:  # noqa: BLE001 - evaluate computes what is missing and says why
+        log.info("evaluation yardstick not made ahead of evaluate: %s", one_line(e))
+
+
+def _yardstick_ahead(cfg: Config, paths: Paths, names: list[str], force: set[str]) -> bool:
+    """Whether the run makes evaluate's domain classifier beside the earlier stages: evaluate
+    will run, and scores with a classifier trained on the dataset (the one costly part)."""
+    return "evaluate" in names and cfg.evaluate.extractor == "domain" and \
+        provenance.decide("evaluate", cfg, paths, "evaluate" in force).run
+
+
 @flow(name="rae-pipeline", flow_run_name=flow_run_name)
 def pipeline_flow(cfg: Config, root: str, until: str | None = None,
                   force: list[str] | None = None) -> dict:
@@ -322,11 +343,17 @@ def _pipeline(cfg: Config, paths: Paths, cfg_dict: dict, root: str, until: str |
         # (train-decoder beside stats, extract and train-generator) share the workers.
         for name in names:
             IN_FLIGHT[(str(paths.root), name)] = threading.Event()
+        ahead = _yardstick_ahead(cfg, paths, names, force)
+        early = None
         for name in names:
             after = [futures[u] for u in provenance.SPECS[name].upstream if u in futures]
+            if name == "evaluate" and early is not None:
+                after.append(early)
             futures[name] = stage_task.with_options(name=name).submit(
                 name, cfg_dict, root, parent, name in force, wait_for=after)
-        wait(list(futures.values()))
+            if name == "prepare" and ahead:
+                early = yardstick_task.submit(cfg_dict, root, wait_for=[futures[name]])
+        wait(list(futures.values()) + ([early] if early else []))
         for name in names:  # the first failure in pipeline order is the one reported
             outputs[name] = futures[name].result()
     except BaseException as e:

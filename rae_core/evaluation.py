@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from rae_core import device as devices
-from rae_core.config import Config
+from rae_core.config import Config, from_dict
 from rae_core.data.folder import ImageFolderDataset, load_split
 from rae_core.generate import load_samples
 from rae_core.metrics import (
@@ -108,6 +108,15 @@ class Reference:
         with np.load(path, allow_pickle=False) as z:
             pr_features = z["pr_features"]
         return cls(FeatureStats.load(path), pr_features)
+
+
+def yardstick(cfg_dict: dict, root: str) -> None:
+    """What every evaluation of this dataset scores with, computed and cached ahead of the
+    evaluate stage on this process's device: the domain classifier and the training split's
+    reference features. A dict and a path as arguments, so a Ray task can take them."""
+    cfg, paths = from_dict(cfg_dict), Paths.at(root)
+    extractor, _ = build_extractor(cfg, paths, devices.of(cfg))
+    reference(cfg, paths, extractor)
 
 
 def pr_stride(n: int, max_pr: int) -> int:
@@ -257,41 +266,75 @@ def reconstruction_metrics(root: str | Path, resolution: int, extractor,
     return m
 
 
-@torch.no_grad()
 def fid_curve(cfg: Config, paths: Paths, extractor, ref: FeatureStats) -> list[dict]:
     """FID of a small balanced sample from every saved EMA checkpoint of this configuration,
-    sampled and decoded on this process's device (bf16 autocast with evaluate.precision)."""
-    from rae_core.autoencoder import load_decoder, load_encoder, load_stats
-    from rae_core.generator import load_generator, sample_latents
-    from rae_core.sampling import balanced_labels
+    sampled and decoded on this process's device (bf16 autocast with evaluate.precision).
+
+    On the CPU with Ray running (evaluate is a Ray task), the checkpoints are scored as Ray
+    tasks of one thread each, side by side on the run's cores: every point is computed alike
+    either way (its own seeded draws), so only the wall time changes. On a GPU, in turn here.
+    """
     from rae_core.train.generator import checkpoint_dir
 
     if cfg.evaluate.curve_per_class == 0:
         return []
+    ckpts = sorted(checkpoint_dir(cfg, paths).glob("ema-step*.pt"))
+    if len(ckpts) > 1 and not cfg.ray.use_gpu and _ray_running():
+        from rae_core.train.runner import map_shards
+
+        args = [(cfg.to_dict(), str(paths.root), str(c), ref) for c in ckpts]
+        return map_shards(_curve_point_task, args, cfg, desc="FID per checkpoint")
+    models = _curve_models(cfg, paths)
+    return [_curve_point(cfg, models, extractor, ref, c)
+            for c in tqdm(ckpts, desc="FID per checkpoint", unit="ckpt", disable=None,
+                          leave=False)]
+
+
+def _ray_running() -> bool:
+    import sys
+
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def _curve_models(cfg: Config, paths: Paths) -> tuple:
+    """(device, latent shape, latent statistics, decoder) that every curve point uses."""
+    from rae_core.autoencoder import load_decoder, load_encoder, load_stats
+
     here = devices.of(cfg)
     encoder = load_encoder(cfg, paths, here)
-    stats, decoder = load_stats(cfg, paths, encoder), load_decoder(cfg, paths, encoder, here)
-    shape, s = tuple(encoder.latent_shape), cfg.sample
+    return (here, tuple(encoder.latent_shape), load_stats(cfg, paths, encoder),
+            load_decoder(cfg, paths, encoder, here))
+
+
+def _curve_point_task(cfg_dict: dict, root: str, ckpt: str, ref: FeatureStats) -> dict:
+    cfg, paths = from_dict(cfg_dict), Paths.at(root)
+    extractor, _ = build_extractor(cfg, paths, devices.of(cfg))
+    return _curve_point(cfg, _curve_models(cfg, paths), extractor, ref, Path(ckpt))
+
+
+@torch.no_grad()
+def _curve_point(cfg: Config, models: tuple, extractor, ref: FeatureStats, ckpt: Path) -> dict:
+    """{step, fid} of one EMA checkpoint: the same labels and starting noise for every one."""
+    from rae_core.generator import load_generator, sample_latents
+    from rae_core.sampling import balanced_labels
+
+    here, shape, stats, decoder = models
+    s = cfg.sample
     y = balanced_labels(cfg.evaluate.curve_per_class, cfg.data.num_classes)
     noise = torch.randn((len(y), *shape), generator=torch.Generator().manual_seed(s.seed))
-    curve = []
-    for ckpt in tqdm(sorted(checkpoint_dir(cfg, paths).glob("ema-step*.pt")),
-                     desc="FID per checkpoint", unit="ckpt", disable=None, leave=False):
-        model = load_generator(ckpt, shape, cfg.data.num_classes).to(here)
-        g = torch.Generator().manual_seed(s.seed + 1)  # DDPM: the same draws for every step
-        acc = StatsAccumulator(extractor.name)
-        # Decoded and scored per batch: with 1000 classes the whole curve sample is GBs.
-        for i in range(0, len(y), s.batch_size):
-            sl = slice(i, i + s.batch_size)
-            with devices.autocast(here, cfg.evaluate.precision == "bf16"):
-                z = sample_latents(cfg, model, y[sl].to(here), shape, noise[sl].to(here),
-                                   guidance="cfg" if s.guidance == "cfg" else "none",
-                                   generator=g)
-                images = decoder(stats.denormalize(z))
-            acc.update(extractor(images.float().clamp(0, 1)))
-        step = int(ckpt.stem.removeprefix("ema-step"))
-        curve.append({"step": step, "fid": frechet_distance(ref, acc.stats())})
-    return curve
+    model = load_generator(ckpt, shape, cfg.data.num_classes).to(here)
+    g = torch.Generator().manual_seed(s.seed + 1)  # DDPM: the same draws for every step
+    acc = StatsAccumulator(extractor.name)
+    # Decoded and scored per batch: with 1000 classes the whole curve sample is GBs.
+    for i in range(0, len(y), s.batch_size):
+        sl = slice(i, i + s.batch_size)
+        with devices.autocast(here, cfg.evaluate.precision == "bf16"):
+            z = sample_latents(cfg, model, y[sl].to(here), shape, noise[sl].to(here),
+                               guidance="cfg" if s.guidance == "cfg" else "none", generator=g)
+            images = decoder(stats.denormalize(z))
+        acc.update(extractor(images.float().clamp(0, 1)))
+    step = int(ckpt.stem.removeprefix("ema-step"))
+    return {"step": step, "fid": frechet_distance(ref, acc.stats())}
 
 
 def plot_curve(curve: list[dict], extractor_name: str, path) -> None:

@@ -208,3 +208,33 @@ def test_evaluate_runs_on_a_ray_worker_with_the_drivers_results(project, local_r
                                 if isinstance(v, float) else v), k
     log = paths.metrics_log("evaluate").read_text()
     assert "_evaluate: worker 0 up" in log and "evaluate: {" in log
+
+
+def test_the_fid_curve_scored_as_ray_tasks_equals_the_curve_scored_in_turn(
+        project, local_ray, monkeypatch, tmp_path, one_thread):
+    from rae_core.train import runner
+    from rae_core.train.generator import checkpoint_dir
+
+    cfg, paths = project
+    shutil.copytree(paths.root, tmp_path / "p")
+    paths = Paths.at(tmp_path / "p")
+    cfg = from_dict({**cfg.to_dict(), "evaluate": {**cfg.evaluate.model_dump(),
+                                                   "curve_per_class": 2}})
+    first = checkpoint_dir(cfg, paths) / "ema-step10.pt"
+    ckpt = torch.load(first, weights_only=False)
+    torch.manual_seed(1)
+    ckpt["model"] = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+                     for k, v in ckpt["model"].items()}
+    torch.save(ckpt, first.with_name("ema-step20.pt"))  # a second, different point
+    extractor, _ = evaluation.build_extractor(cfg, paths)
+    ref = evaluation.FeatureStats(np.zeros(64), np.eye(64), 100, extractor.name)
+    calls, real = [], runner.map_shards
+    monkeypatch.setattr(runner, "map_shards", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    runner.ensure_ray(cfg)
+    side_by_side = evaluation.fid_curve(cfg, paths, extractor, ref)
+    monkeypatch.setattr(evaluation, "_ray_running", lambda: False)
+    in_turn = evaluation.fid_curve(cfg, paths, extractor, ref)
+    assert len(calls) == 1 and len(calls[0]) == 2  # one Ray task per checkpoint
+    assert [c["step"] for c in side_by_side] == [10, 20]
+    assert side_by_side[0]["fid"] != pytest.approx(side_by_side[1]["fid"])
+    assert side_by_side == [pytest.approx(c, rel=1e-6) for c in in_turn]

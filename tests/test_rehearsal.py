@@ -101,6 +101,19 @@ def test_each_stage_logs_its_throughput(rehearsal):
     assert m["evaluate"]["eval_images_per_s"] > 0
 
 
+def test_evaluates_yardstick_was_made_before_evaluate_began(rehearsal):
+    import json
+
+    proj, _ = rehearsal
+    (clf,) = (proj / "models" / "reference").glob("classifier-*.pt")
+    (ref,) = (proj / "models" / "reference").glob("train-reference-*.npz")
+    log = [json.loads(line) for line in (proj / "runs" / "logs" / "evaluate.jsonl").open()]
+    began = min(r["time"] for r in log)
+    assert clf.stat().st_mtime < began and ref.stat().st_mtime < began
+    assert not any("domain classifier: val accuracy" in r.get("log", {}).get("message", "")
+                   for r in log)  # evaluate loaded it, did not train it
+
+
 def test_the_leaderboard_row_says_random_init(rehearsal):
     proj, _ = rehearsal
     with sqlite3.connect(proj / "mlflow.db") as db:
