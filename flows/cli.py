@@ -251,10 +251,9 @@ def _ray_head_lost(address: str) -> None:
     """The run cannot go on without its Ray head: say so in one line and stop now. The finished
     stages' records and the checkpoints are on disk; the unfinished MLflow runs are continued
     by the next attempt."""
-    print(f"rae: error: the Ray head at {address} stopped answering during the run; finished "
-          "stages and checkpoints are kept: run the same command again to resume from them",
-          file=sys.stderr, flush=True)
-    from flows import driver
+    from flows import driver, services
+
+    print(services.ray_head_lost_line(address), file=sys.stderr, flush=True)
 
     driver.ending(1)
     os._exit(1)

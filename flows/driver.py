@@ -145,7 +145,7 @@ def _converse(conn: socket.socket, argv: list[str], root: Path, entry: dict,
 
     previous = {sig: signal.signal(sig, relay)
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    reply = _receive_line(conn)
+    reply = _await_reply(conn, entry, home, watch_ray="RAY_ADDRESS" not in os.environ)
     if reply is None:
         print(f"rae: error: the project's driver (pid {entry['pid']}) ended during the command; "
               f"its log: {home / 'services' / 'driver.log'}", file=sys.stderr)
@@ -155,6 +155,35 @@ def _converse(conn: socket.socket, argv: list[str], root: Path, entry: dict,
             signal.signal(sig, handler)
         return None
     return int(reply["rc"])
+
+
+def _await_reply(conn: socket.socket, entry: dict, home: Path, watch_ray: bool,
+                 poll_s: float = 2.0, grace_s: float = 10.0) -> dict | None:
+    """The driver's reply. When the command uses the project's Ray head (`watch_ray`) and the
+    head, having answered, stops answering for `grace_s` without the driver reporting it (its own
+    watch is a thread of a process that Ray's client may hold for a minute), this prints the
+    line the driver would have printed and kills the driver, as its own watch would have."""
+    conn.settimeout(poll_s)
+    seen, lost_since, data = None, None, b""
+    while not data.endswith(b"\n"):
+        try:
+            chunk = conn.recv(4096)
+        except TimeoutError:
+            head = services.read(home).get("ray") if watch_ray else None
+            if head and services._accepts(head["address"], timeout=poll_s):
+                seen, lost_since = head["address"], None
+            elif head and head["address"] == seen:
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > grace_s:
+                    print(services.ray_head_lost_line(seen), file=sys.stderr, flush=True)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(entry["pid"], signal.SIGKILL)
+                    return {"rc": 1}
+            continue
+        if not chunk:
+            return None
+        data += chunk
+    return json.loads(data)
 
 
 def _is_open(fd: int) -> bool:
@@ -169,16 +198,6 @@ def _send(conn: socket.socket, message: dict, fds: list[int]) -> None:
     payload = json.dumps(message).encode()
     socket.send_fds(conn, [len(payload).to_bytes(8, "big")], fds)
     conn.sendall(payload)
-
-
-def _receive_line(conn: socket.socket) -> dict | None:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = conn.recv(4096)
-        if not chunk:
-            return None
-        data += chunk
-    return json.loads(data)
 
 
 # ---- the driver's side ---------------------------------------------------------------------

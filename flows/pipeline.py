@@ -173,7 +173,7 @@ def run_stage(name: str, cfg: Config, paths: Paths, parent: str | None,
     experiments, not candidates for the champion alias)."""
     console.stage_started(name)
     t_track = time.time()
-    resuming = any(paths.checkpoints.glob(f"{name}-*/last.pt"))  # the loops' resume points
+    resuming = paths.has_resume_point(name)
     run_id = tracking.stage_run(cfg, paths.root, name, parent,
                                 tags={"rae.stage": name, "rae.encoder": encoder_label(cfg)},
                                 resuming=resuming)

@@ -200,10 +200,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Ports a server is started on: above Ray's worker ports (10002-19999) and below Linux's
+# ephemeral range (32768-60999), from which the kernel hands out port 0 and outgoing connections.
+# A port freed by binding port 0 can be taken again by any process starting meanwhile (a Ray head
+# opens a dozen such ports) before the server that was meant to have it binds it.
+SERVER_PORTS = range(20000, 32768)
+
+
+def free_port() -> int:
+    """A loopback port in SERVER_PORTS that nothing listens on now."""
+    import random
+
+    tries = min(200, len(SERVER_PORTS))
+    for port in random.sample(SERVER_PORTS, tries):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RaeError(f"no free loopback port in {SERVER_PORTS.start}-{SERVER_PORTS.stop - 1} "
+                   f"after {tries} tries; stop the servers that hold them")
 
 
 def _tool(name: str) -> str:
@@ -224,13 +241,13 @@ def _launch(names: list[str], home: Path, num_cpus: int) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("PREFECT_API_URL", "RAY_ADDRESS", "RAE_LOCAL_RAY")}
     if "prefect" in names:
-        port = _free_port()
+        port = free_port()
         started["prefect"] = {
             "url": f"http://127.0.0.1:{port}/api",
             "pid": _spawn([_tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port",
                            str(port), "--no-ui"], logs / "prefect.log", env)}
     if "ray" in names:
-        port = _free_port()
+        port = free_port()
         # Ray's sockets live under its temp dir, whose path must stay short.
         temp = Path(tempfile.gettempdir()) / \
             f"rae-ray-{hashlib.sha1(str(home).encode()).hexdigest()[:8]}"
@@ -298,6 +315,11 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         pass
     return True
+
+
+def ray_head_lost_line(address: str) -> str:
+    return (f"rae: error: the Ray head at {address} stopped answering during the run; finished "
+            "stages and checkpoints are kept: run the same command again to resume from them")
 
 
 def watch_ray_head(on_lost: Callable[[str], None], poll_s: float = 2.0, misses: int = 3) -> None:

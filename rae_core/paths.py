@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# a training loop's checkpoints, newest first (rae_core.train.common.Checkpointer): a save moves
+# last.pt to prev.pt before it writes the new last.pt, so a crash between the two leaves prev.pt
+CHECKPOINT_FILES = ("last.pt", "prev.pt")
+
 
 @dataclass(frozen=True)
 class Paths:
@@ -52,6 +56,10 @@ class Paths:
     @property
     def checkpoints(self) -> Path:
         return self.root / "runs" / "checkpoints"
+
+    def has_resume_point(self, stage: str) -> bool:
+        """Whether a run of `stage` left a checkpoint its loop would resume from."""
+        return any(any(self.checkpoints.glob(f"{stage}-*/{name}")) for name in CHECKPOINT_FILES)
 
     @property
     def ray_storage(self) -> Path:

@@ -1,7 +1,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from flows.services import free_port  # noqa: E402
 from rae_core.device import torch_threads  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,12 +78,6 @@ def constraint_pins() -> dict[str, str]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_json(url: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -123,7 +117,7 @@ def servers(tmp_path_factory):
            "PREFECT_HOME": str(home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS"):
         env.pop(key, None)
-    ray_port, prefect_port, mlflow_port = _free_port(), _free_port(), _free_port()
+    ray_port, prefect_port, mlflow_port = free_port(), free_port(), free_port()
     commands = {
         "ray": [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                 f"--port={ray_port}", "--num-cpus=2", "--include-dashboard=false",

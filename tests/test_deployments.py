@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import _free_port, _wait, http_json, mlflow_server_command
+from conftest import _wait, http_json, mlflow_server_command
+
+from flows.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "infra" / "README.md"
@@ -60,7 +62,7 @@ def _wait_for_flow_run(api: str, run_id: str, worker: subprocess.Popen, log: Pat
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory, servers):
     home = tmp_path_factory.mktemp("tracking")
-    port, log = _free_port(), home / "mlflow.log"
+    port, log = free_port(), home / "mlflow.log"
     proc = subprocess.Popen(mlflow_server_command(home, port), env=servers["env"],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)

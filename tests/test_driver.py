@@ -144,3 +144,53 @@ def test_a_stopped_caller_stops_its_command_and_the_driver(project, sig):
     res = _rae(root, env, "stage", "prepare", "--force")  # a new driver takes over
     assert res.returncode == 0, res.stderr[-2000:]
     assert _driver_pid(root) != pid
+
+
+def _reply_after_head(tmp_path: Path, head_answers_first: bool, watch_ray: bool = True):
+    """`_await_reply` of a driver that never answers, while the recorded Ray head (a listener
+    of the test's own) answers, if `head_answers_first`, then stops; with the driver's process
+    (a sleeping stand-in in its own session) and the reply."""
+    import socket
+    import threading
+
+    head = socket.socket()
+    head.bind(("127.0.0.1", services.free_port()))
+    head.listen()
+    address = "{}:{}".format(*head.getsockname())
+    if not head_answers_first:
+        head.close()
+    home = tmp_path / ".prefect"
+    home.mkdir()
+    stand_in = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    services._write(home, {"ray": {"address": address, "pid": stand_in.pid}})
+    threading.Timer(0.5, head.close).start()
+    ours, theirs = socket.socketpair()
+    # a reply long after the head's loss is meant to be noticed, so a watch that misses it fails
+    late = threading.Timer(2.0 if not watch_ray or not head_answers_first else 8.0,
+                           theirs.sendall, [b'{"rc": 0}\n'])
+    late.start()
+    with ours, theirs:
+        reply = driver._await_reply(ours, {"pid": stand_in.pid}, home, watch_ray,
+                                    poll_s=0.1, grace_s=0.5)
+        late.cancel()
+    return stand_in, reply, address
+
+
+def test_a_stuck_driver_whose_ray_head_died_is_ended_by_its_caller(tmp_path, capsys):
+    stand_in, reply, address = _reply_after_head(tmp_path, head_answers_first=True)
+    assert reply == {"rc": 1}
+    assert stand_in.wait(timeout=10) == -signal.SIGKILL
+    assert capsys.readouterr().err.strip() == services.ray_head_lost_line(address)
+
+
+@pytest.mark.parametrize("case", ["booting head", "not watched"])
+def test_a_head_that_never_answered_or_is_not_the_commands_leaves_the_driver_be(tmp_path,
+                                                                                 capsys, case):
+    stand_in, reply, _ = _reply_after_head(tmp_path, head_answers_first=case != "booting head",
+                                           watch_ray=case != "not watched")
+    try:
+        assert reply == {"rc": 0} and stand_in.poll() is None
+        assert capsys.readouterr().err == ""
+    finally:
+        stand_in.kill()
+        stand_in.wait()

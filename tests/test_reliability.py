@@ -12,7 +12,7 @@ import torch
 
 from rae_core.errors import DataError
 from rae_core.locking import ProjectBusyError, project_lock
-from rae_core.paths import Paths
+from rae_core.paths import CHECKPOINT_FILES, Paths
 from rae_core.presets import load_config
 from rae_core.store import safe_load
 from rae_core.train.common import Checkpointer
@@ -181,8 +181,8 @@ def test_a_stage_killed_with_its_driver_continues_its_mlflow_run(tmp_path, digit
     for p in tree:
         p.kill()
     psutil.wait_procs(tree, timeout=30)
-    (ckpt,) = ckpts.glob("pretrain-encoder-*/last.pt")
-    killed_at = safe_load(ckpt)["step"]
+    (run_dir,) = ckpts.glob("pretrain-encoder-*")  # last.pt, or prev.pt if a save was cut short
+    killed_at = safe_load(next(p for n in CHECKPOINT_FILES if (p := run_dir / n).exists()))["step"]
     assert 10 <= killed_at < 120, "the kill came too late to test a resume"
     before = logged_steps()
     again = subprocess.run(stage("pretrain-encoder"), cwd=proj, env=env, capture_output=True,
@@ -198,3 +198,23 @@ def test_a_stage_killed_with_its_driver_continues_its_mlflow_run(tmp_path, digit
                                                                                "mae_loss")}
     assert before <= steps and max(steps) == 120  # one curve across the crash
     assert run.data.metrics["stage.resumed_at"] == killed_at
+
+
+def test_a_crash_inside_a_checkpoint_save_still_continues_the_stages_mlflow_run(tmp_path,
+                                                                                local_mlflow):
+    """A save moves last.pt to prev.pt before it writes the new last.pt: a crash between the two
+    leaves prev.pt alone, which the loop resumes from, so the stage's MLflow run goes on too."""
+    from flows import tracking
+
+    cfg, paths = load_config(None, "smoke", []), Paths.at(tmp_path)
+    assert not paths.has_resume_point("pretrain-encoder")
+    first = tracking.stage_run(cfg, paths.root, "pretrain-encoder", None, resuming=False)
+    run_dir = paths.checkpoints / "pretrain-encoder-0123abcd"
+    run_dir.mkdir(parents=True)
+    (run_dir / "prev.pt").write_bytes(b"")
+    assert paths.has_resume_point("pretrain-encoder")
+    assert not paths.has_resume_point("train-decoder")
+    again = tracking.stage_run(cfg, paths.root, "pretrain-encoder", None,
+                               resuming=paths.has_resume_point("pretrain-encoder"))
+    assert again == first
+    assert len(local_mlflow.search_runs(experiment_names=["rae"], output_format="list")) == 1

@@ -121,3 +121,24 @@ def test_the_services_stop_after_the_idle_timeout(project):
         time.sleep(0.5)
     assert not any(services._group_alive(p) for p in pids)
     assert not (root / ".prefect" / services.RECORD).exists()
+
+
+def test_a_server_port_is_free_and_outside_the_range_port_zero_draws_from(monkeypatch):
+    """A port freed after binding port 0 can go to the next process that binds port 0 (a Ray
+    head opens a dozen) before its server starts: server ports come from elsewhere."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {services.free_port() for _ in range(20)}
+    assert all(p in services.SERVER_PORTS and p < low for p in ports)
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", services.free_port()))
+        taken = held.getsockname()[1]
+        held.listen()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", taken + 1))  # free now, else the case below is not the one
+        monkeypatch.setattr(services, "SERVER_PORTS", range(taken, taken + 2))
+        assert {services.free_port() for _ in range(5)} == {taken + 1}
+        monkeypatch.setattr(services, "SERVER_PORTS", range(taken, taken + 1))
+        with pytest.raises(services.RaeError, match=f"no free loopback port in {taken}-{taken}"):
+            services.free_port()

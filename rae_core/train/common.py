@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from rae_core.errors import ConfigError, DataError, RaeError
+from rae_core.paths import CHECKPOINT_FILES
 from rae_core.plots import LossCurve
 from rae_core.store import atomic_save, checksum_path, safe_load, verify
 
@@ -37,8 +38,7 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir: str | Path, fingerprint: str, stage: str):
-        self.path = Path(run_dir) / "last.pt"
-        self.prev = self.path.with_name("prev.pt")
+        self.path, self.prev = (Path(run_dir) / name for name in CHECKPOINT_FILES)
         self.fingerprint, self.stage = fingerprint, stage
 
     @property
