@@ -136,10 +136,12 @@ def test_phase2_picks_the_hybrid_latent_for_about_hybrid_prob_of_the_samples():
     assert torch.equal(tok(x, hybrid_prob=0.25, generator=gen()).hybrid, h)
 
 
-def test_short_training_lowers_l1_and_the_residual_carries_what_tokens_miss():
-    """All parts train with hybrid_prob 0.5, so the encoder learns to put into f what the
-    decoder can use. (A run this short that freezes after a few dozen discrete-only steps
-    leaves a residual the decoder has learnt to ignore: in HART phase 1 is a full training.)"""
+def test_short_training_lowers_l1_whichever_latent_decodes():
+    """All parts train with hybrid_prob 0.5, so the decoder learns from the discrete latent and
+    from f. How much the residual adds is not asserted here: on 16 images of 4x4 detail the
+    64 codes hold nearly all of it, and hybrid/discrete L1 ran 0.92-0.99 on one CPU and
+    0.95-1.00 on another (seeds 0-5), the VQ's nearest-code choices following each CPU's
+    rounding. The gain is measured where phase 1 is a full training: tiny-hart, +1.21 dB."""
     tok = micro()
     x = images(16, seed=5)
 
@@ -147,7 +149,7 @@ def test_short_training_lowers_l1_and_the_residual_carries_what_tokens_miss():
     def l1(hybrid_prob: float) -> float:  # 0: discrete only, 1: discrete + residual
         return F.l1_loss(tok(x, hybrid_prob).reconstruction, x).item()
 
-    start = l1(0.0)
+    start_discrete, start_hybrid = l1(0.0), l1(1.0)
     opt = torch.optim.Adam(tok.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(6)
     for _ in range(60):
@@ -156,9 +158,8 @@ def test_short_training_lowers_l1_and_the_residual_carries_what_tokens_miss():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    discrete, hybrid = l1(0.0), l1(1.0)
-    assert discrete < 0.7 * start  # 0.62 -> 0.30 here
-    assert hybrid < 0.98 * discrete  # 0.28: seeds 0-9 gave 0.92-0.99 of the discrete L1
+    assert l1(0.0) < 0.7 * start_discrete  # 0.55 -> 0.23-0.31 over seeds 0-5
+    assert l1(1.0) < 0.7 * start_hybrid
 
 
 def test_rae_models_lists_every_tokenizer_with_its_counts():
