@@ -1,5 +1,6 @@
 """What ran: recent pipeline runs (`rae runs`) and two runs side by side (`rae compare`), read
-from MLflow. A pipeline run is the parent of its stages' runs; its numbers are theirs."""
+from MLflow. A pipeline run is the parent of its stages' runs (those of one `rae run`, or of
+one `dvc repro` or `dvc exp run`); its numbers are theirs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import time
 from typing import Any
 
-RUN_COLUMNS = ("started", "status", "preset", "commit", "wall_s", "fid", "run_id")
+RUN_COLUMNS = ("started", "status", "runner", "preset", "commit", "wall_s", "fid", "run_id")
 
 
 def _client():
@@ -38,7 +39,9 @@ def pipeline_runs(experiment: str, limit: int = 20) -> list[dict[str, Any]]:
         end = r.info.end_time or int(time.time() * 1000)
         out.append({"started": time.strftime("%Y-%m-%d %H:%M",
                                              time.localtime(r.info.start_time / 1000)),
-                    "status": r.info.status, "preset": r.data.tags.get("rae.preset", ""),
+                    "status": r.info.status,
+                    "runner": r.data.tags.get("rae.runner", "rae run"),
+                    "preset": r.data.tags.get("rae.preset", ""),
                     "commit": _commit(r.data.tags),
                     "wall_s": round((end - r.info.start_time) / 1000),
                     "fid": fid.get(r.info.run_id), "run_id": r.info.run_id})

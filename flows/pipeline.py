@@ -279,8 +279,18 @@ def _stage(name: str, cfg: Config, paths: Paths, parent: str | None, force: bool
         return {**decision.outputs, "skipped": decision.reason}
     provenance.check_inputs(name, cfg, paths)  # an input of another configuration: refused
     provenance.clear(name, paths)
-    out = run_stage(name, cfg, paths, parent)
+    grouped = parent is None and tracking.dvc_runner() is not None
+    if grouped:  # DVC runs each stage as its own command: their pipeline run groups them
+        parent = tracking.dvc_pipeline_run(cfg, paths.root, {"rae.encoder": encoder_label(cfg)})
+    try:
+        out = run_stage(name, cfg, paths, parent)
+    except BaseException as e:
+        if grouped:
+            tracking.end_run(parent, "FAILED", one_line(e))
+        raise
     provenance.record(name, cfg, paths, out)
+    if grouped and name == ORDER[-1]:
+        tracking.end_run(parent)
     return out
 
 

@@ -276,42 +276,77 @@ def _log_dataset(run_id: str, path: str, name: str, digest: str) -> None:
         ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
 
 
+def _key(*parts: str) -> str:
+    import hashlib
+
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _unfinished(cfg: Config, root: Path, tag: str, key: str) -> str | None:
+    """The newest run of the experiment whose `tag` is `key` and that did not finish (killed,
+    failed, or still open), or None; None too when the server is down (a new run, journaled)."""
+    try:
+        runs = retrying(client().search_runs, [experiment_id(cfg, root)],
+                        f"tags.`{tag}` = '{key}' and attributes.status != 'FINISHED'",
+                        max_results=1, order_by=["attributes.start_time DESC"])
+    except Exception as e:
+        if not transient(e):
+            raise
+        return None
+    return runs[0].info.run_id if runs else None
+
+
 def stage_run(cfg: Config, root: Path, name: str, parent: str | None,
               tags: dict[str, str] | None = None, resuming: bool = False) -> str:
     """The MLflow run of a stage. When the stage is `resuming` from a checkpoint, the run that
     an earlier attempt of the same stage, configuration and project left unfinished (killed
     or failed), so that its curves continue in one run; otherwise a new one. A stage run again
     after it finished, or from scratch, gets a new run."""
-    import hashlib
-
-    key = hashlib.sha256(f"{name}|{cfg.fingerprint()}|{Path(root).resolve()}".encode()
-                         ).hexdigest()[:16]
+    key = _key(name, cfg.fingerprint(), str(Path(root).resolve()))
     tags = {**(tags or {}), "rae.resume_key": key}
-    earlier = []
-    if resuming and not is_offline(parent):
-        try:
-            earlier = retrying(client().search_runs, [experiment_id(cfg, root)],
-                               f"tags.`rae.resume_key` = '{key}' and "
-                               "attributes.status != 'FINISHED'",
-                               max_results=1, order_by=["attributes.start_time DESC"])
-        except Exception as e:
-            if not transient(e):
-                raise  # down: a new run, journaled
-    if not earlier:
+    run_id = _unfinished(cfg, root, "rae.resume_key", key) \
+        if resuming and not is_offline(parent) else None
+    if run_id is None:
         return start_run(cfg, root, name, parent, tags=tags)
-    run_id = earlier[0].info.run_id
     _roots[run_id], _names[run_id] = Path(root), name
     call(run_id, "resume", parent=parent)
     log.info("%s: continuing MLflow run %s of the unfinished attempt", name, run_id)
     return run_id
 
 
-def _resume(run_id: str, parent: str | None) -> None:
+def dvc_runner() -> str | None:
+    """What runs this stage when DVC does (it sets DVC_STAGE for every stage command): `dvc
+    exp run NAME`, or `dvc repro`; None outside DVC."""
+    if not os.environ.get("DVC_STAGE"):
+        return None
+    name = os.environ.get("DVC_EXP_NAME")
+    return f"dvc exp run {name}" if name else "dvc repro"
+
+
+def dvc_pipeline_run(cfg: Config, root: Path, tags: dict[str, str]) -> str:
+    """The pipeline run that groups the stages DVC runs as separate commands, as `rae run`'s
+    parent run groups its own: the one that this configuration's earlier stages in this
+    project (and experiment) left open, or a new one. The last stage ends it."""
+    runner = dvc_runner() or "dvc repro"
+    key = _key("pipeline", cfg.fingerprint(), str(Path(root).resolve()), runner)
+    run_id = _unfinished(cfg, root, "rae.pipeline_key", key)
+    if run_id is None:
+        return start_run(cfg, root, f"pipeline-{cfg.preset}",
+                         tags={**tags, "rae.kind": "pipeline", "rae.runner": runner,
+                               "rae.pipeline_key": key})
+    _roots[run_id], _names[run_id] = Path(root), f"pipeline-{cfg.preset}"
+    call(run_id, "resume", parent=None, joined=True)
+    return run_id
+
+
+def _resume(run_id: str, parent: str | None, joined: bool = False) -> None:
+    """Open the run again; `joined`: by a next stage of its pipeline, which is no resumption."""
     c = client()
     c.update_run(run_id, status="RUNNING")
     if parent:
         c.set_tag(run_id, "mlflow.parentRunId", parent)  # under the pipeline run resuming it
-    c.set_tag(run_id, "rae.resumed", "true")
+    if not joined:
+        c.set_tag(run_id, "rae.resumed", "true")
 
 
 def end_run(run_id: str, status: str = "FINISHED", error: str | None = None) -> None:

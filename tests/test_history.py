@@ -74,3 +74,28 @@ def test_a_training_stage_records_the_machine_it_ran_on(local_mlflow, tmp_path):
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys
     history = tracking.client().get_metric_history(run, "system/cpu_utilization_percentage")
     assert len(history) >= 2  # a curve, not one number
+
+
+def test_the_stages_dvc_runs_one_by_one_join_one_pipeline_run(local_mlflow, tmp_path,
+                                                                monkeypatch):
+    """Under DVC, each stage's command finds the pipeline run its configuration's earlier
+    stages left open in the project; another experiment, a finished pipeline or another
+    configuration gets its own, and a failed one is joined again by the rerun."""
+    cfg = load_config(None, "smoke")
+    monkeypatch.setenv("DVC_STAGE", "prepare")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    first = tracking.dvc_pipeline_run(cfg, tmp_path, {})
+    assert tracking.dvc_pipeline_run(cfg, tmp_path, {}) == first
+    other = load_config(None, "smoke", ["generator.steps=61"])
+    assert tracking.dvc_pipeline_run(other, tmp_path, {}) != first
+    monkeypatch.setenv("DVC_EXP_NAME", "lucky-lamb")
+    exp = tracking.dvc_pipeline_run(cfg, tmp_path, {})
+    assert exp != first
+    tracking.end_run(exp, "FAILED", "killed")
+    assert tracking.dvc_pipeline_run(cfg, tmp_path, {}) == exp
+    tracking.end_run(exp)
+    assert tracking.dvc_pipeline_run(cfg, tmp_path, {}) not in (exp, first)
+    runners = {r["run_id"]: r["runner"] for r in pipeline_runs("rae")}
+    assert runners[first] == "dvc repro" and runners[exp] == "dvc exp run lucky-lamb"
+    resumed = tracking.client().get_run(exp).data.tags
+    assert "rae.resumed" not in resumed and resumed["rae.kind"] == "pipeline"

@@ -114,6 +114,22 @@ def test_mlflow_has_a_run_per_stage_with_metrics_and_models(project):
     assert str(champ.version) == "1"
 
 
+def test_rae_runs_lists_the_dvc_repro_as_one_pipeline_run_of_its_stages(project):
+    """DVC runs each stage as its own `rae stage`: one pipeline run still groups the eight, so
+    `rae runs` and `rae compare` see a `dvc repro` as they see a `rae run`."""
+    proj, env, _ = project
+    out = _run([sys.executable, "-m", "flows.cli", "runs", "--format", "json"], proj, env).stdout
+    runs = [r for r in json.loads(out) if r["runner"] == "dvc repro"]
+    assert len(runs) == 1 and runs[0]["status"] == "FINISHED" and runs[0]["preset"] == "smoke"
+    fid = json.loads((proj / "runs" / "evaluate" / "metrics.json").read_text())["fid"]
+    assert runs[0]["fid"] == pytest.approx(fid)
+    mlflow = _mlflow(env)
+    children = mlflow.search_runs(experiment_names=["rae"], output_format="list",
+                                  filter_string="tags.`mlflow.parentRunId` = "
+                                                f"'{runs[0]['run_id']}'")
+    assert sorted(r.data.tags["rae.stage"] for r in children) == sorted(STAGES)
+
+
 def test_the_prefect_server_recorded_every_stage_flow_run(project, servers):
     proj, _, _ = project
     api = servers["prefect"]
