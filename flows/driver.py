@@ -296,7 +296,7 @@ def _run(conn: socket.socket, message: dict, fds: list[int]) -> bool:
     """One command with the sender's terminal and environment; False: this driver should end
     (the command was interrupted, or it broke in a way that may have left state behind)."""
     global _current
-    from flows import cli
+    from flows import cli, source
 
     saved = [os.dup(fd) for fd in (0, 1, 2)]
     for fd, target in zip(fds, (0, 1, 2), strict=True):
@@ -310,6 +310,7 @@ def _run(conn: socket.socket, message: dict, fds: list[int]) -> bool:
     _current = conn
     threading.Thread(target=_interrupt_when_gone, args=(conn, done), daemon=True).start()
     keep = True
+    source.git_source.cache_clear()  # a commit or an edited params.yaml since the last command
     try:
         rc = cli.main(message["argv"])
     except SystemExit as e:

@@ -29,7 +29,7 @@ class GitSource:
 @lru_cache(maxsize=16)
 def git_source(root: Path) -> GitSource | None:
     """The git state of the checkout holding `root` (or its nearest existing parent), read once
-    per process (the code a run imported does not change under it), or None outside git."""
+    per command (the project's driver clears it before each one), or None outside git."""
     where = next(p for p in (root, *root.parents) if p.exists())  # a run folder may be new
 
     def git(*args: str) -> str:

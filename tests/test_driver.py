@@ -77,6 +77,34 @@ def test_stages_run_in_one_driver_with_the_callers_terminal(project):
     assert services._pid_alive(pid)
 
 
+def test_each_command_in_the_driver_reads_the_checkouts_git_state_afresh(project):
+    import mlflow
+
+    root, env = project
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(root)]
+
+    def commit_of_last_prepare() -> str:
+        client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  "tags.`mlflow.runName` = 'prepare'",
+                                  order_by=["attributes.start_time DESC"])
+        return runs[0].data.tags["mlflow.source.git.commit"]
+
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "params.yaml"], check=True)
+    heads = []
+    for message in ("first", "second"):  # a commit between two commands of one driver
+        subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", message], check=True)
+        heads.append(subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True,
+                                    text=True, check=True).stdout.strip())
+        res = _rae(root, env, "stage", "prepare", "--force")
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert _holder(root) == _driver_pid(root)
+        assert commit_of_last_prepare() == heads[-1]
+    assert heads[0] != heads[1]
+    shutil.rmtree(root / ".git")
+
+
 def test_a_failing_command_keeps_its_exit_code_and_its_one_line(project):
     root, env = project
     pid = _driver_pid(root)
